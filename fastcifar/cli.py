@@ -64,7 +64,7 @@ def main() -> None:
         app()
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
