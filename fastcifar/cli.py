@@ -59,6 +59,165 @@ def models(
     show(as_json=as_json, recipe=recipe)
 
 
+@app.command()
+def leaderboard(
+    results: list[Path] = typer.Option([Path("bench/results")], "--results", "-r",
+                                       help="Folder of result files, searched recursively (speedrun results, "
+                                            "leaderboard entries, train summary.json); repeat for several."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Markdown table to write (default: bench/LEADERBOARD.md; none with --json)."),
+    plot: Optional[Path] = typer.Option(None, "--plot",
+                                        help="Accuracy-against-time plot, PNG (default: bench/leaderboard.png; none with --json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the table."),
+):
+    """Every recorded result as one table: model, recipe, device, data, accuracy and time (mean ± std)."""
+    from fastcifar.leaderboard import leaderboard as run
+
+    run(results=results, out=out, plot=plot, as_json=as_json)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+def train(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo model to train (see `fastcifar models`). Not needed with --resume."),
+    recipe: str = typer.Option("fast", "--recipe", help="Start from the model's `report` recipe (as its report wrote it) or the tuned `fast` one."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON object of recipe fields, applied on top of --recipe."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Recipe field `epochs`."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Recipe field `batch_size` (global, over all GPUs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Recipe field `lr` (peak learning rate)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="Recipe field `tta`: none | flip | flip_translate."),
+    ema: Optional[float] = typer.Option(None, "--ema", help="Recipe field `ema`: EMA decay of the weights (0 = off)."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                   help="Override any recipe field, e.g. --set optimizer=adamw --set milestones=15,25 "
+                                        "(repeatable; `fastcifar models --recipe NAME` lists the fields)."),
+    model_opt: list[str] = typer.Option([], "--model-opt", metavar="KEY=VALUE",
+                                        help="Model builder option, e.g. --model-opt num_classes=100 (repeatable; JSON values)."),
+    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton [default: {DEFAULT_DATA}]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<model>-<timestamp>]."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda, cuda:N or cpu."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: on for GPU, off for CPU]."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, ..."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 (autocast + GradScaler) | bf16 | fp32 [default: fp16 on GPU, fp32 on CPU]."),
+    bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="BatchNorm+ReLU: eager | compiled | triton [default: compiled when compiling on GPU, else eager]."),
+    loader: str = typer.Option("gpu", "--loader", help="gpu (data in device memory, torch augmentation) or ffcv (CPU worker threads)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="FFCV loader threads [default: all CPUs]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
+    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N epochs (the last epoch always is)."),
+    target: Optional[float] = typer.Option(None, "--target", metavar="ACC", help="Stop as soon as test accuracy reaches ACC (0.94 or 94) and record the time to it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run exactly where it stopped (its config is reused)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps in all (checkpoint kept; resumable)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (one line per epoch only)."),
+):
+    """Train a zoo model: compiled, channels-last, mixed precision; writes a run folder.
+
+    The run folder gets config.json, metrics.jsonl (one line per epoch), summary.json (accuracy, per-class accuracy, timings), curves.png, confusion.png and last.pt.
+
+    Ctrl-C or SIGTERM save a checkpoint and exit (code 130 / 143); `--resume RUN_DIR` continues exactly.
+
+    Several GPUs: `torchrun --nproc_per_node N -m fastcifar.cli train ...`.
+    """
+    import json as _json
+
+    from fastcifar.train import TrainConfig, train as run
+
+    overrides = {}
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("tta", tta), ("ema", ema)):
+        if value is not None:
+            overrides[name] = value
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set wants FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    options = {}
+    for item in model_opt:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-opt wants KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip()] = _json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    cfg = TrainConfig(model=model, recipe_tag=recipe, overrides=overrides,
+                      config_file=str(config) if config else None, model_options=options,
+                      data=str(data) if data else None, out=str(out) if out else None, device=device,
+                      compile=compile_, compile_mode=compile_mode, precision=precision,
+                      bn_backend=bn_backend, loader=loader, num_workers=workers, seed=seed,
+                      eval_every=eval_every, target=target, resume=str(resume) if resume else None,
+                      progress=not no_progress, max_steps=max_steps)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint stays
+        typer.echo("interrupted; the last checkpoint written is kept (continue with --resume RUN_DIR)", err=True)
+        raise typer.Exit(130)
+    if summary.get("final_acc") is not None:
+        t = summary["times"]
+        typer.echo(f"{summary['model']}: test accuracy {100 * summary['final_acc']:.2f}% "
+                   f"(best {100 * summary['best_acc']:.2f}%), training {t['train_s']:.1f}s "
+                   f"+ compile/warm-up {t['compile_warmup_s']:.1f}s, wall {t['wall_s']:.1f}s -> {summary['run_dir']}")
+    if summary.get("signal"):
+        raise typer.Exit(128 + int(summary["signal"]))
+
+
+@app.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+def eval_(
+    path: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (its last.pt is used) or a .pt checkpoint."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder whose test.beton to use [default: the one the run trained on]."),
+    beton: Optional[Path] = typer.Option(None, "--beton", help="Any .beton file to evaluate on (instead of --data)."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="none | flip | flip_translate [default: the run's recipe]."),
+    device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
+    batch_size: int = typer.Option(1000, "--batch-size", "-b", help="Evaluation batch size."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Accuracy and per-class accuracy of a trained model on a .beton (EMA weights if the run kept them)."""
+    import json as _json
+
+    from fastcifar.evaluate import run_eval
+
+    if data is not None and beton is not None:
+        raise UserError("give --data or --beton, not both")
+    result = run_eval(path, data=data, beton=beton, tta=tta, device=device, batch_size=batch_size, quiet=as_json)
+    if as_json:
+        result.pop("confusion", None)
+        typer.echo(_json.dumps(result, indent=2))
+
+
+@app.command()
+def speedrun(
+    model: str = typer.Option("speedrun_net", "--model", "-m", help="Zoo model whose `fast` recipe is timed."),
+    runs: int = typer.Option(5, "--runs", "-n", help="Timed runs (seeds SEED..SEED+N-1), after one untimed warm-up."),
+    baseline: bool = typer.Option(True, "--baseline/--no-baseline",
+                                  help="Also time airbench94 (airbench==0.1.8, CUDA only) on the same data and device."),
+    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA})."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Result file (default: bench/results/speedrun_<model>_<device>.json); "
+                                            "leaderboard entries go beside it."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda or cpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first timed run."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                   help="Override a field of the fast recipe, e.g. --set epochs=10 (repeatable)."),
+    original_npz: Optional[Path] = typer.Option(None, "--original-npz", metavar="NPZ",
+                                                help="Also score every trained model on these images (an .npz of uint8 "
+                                                     "'images' [N,32,32,3] and 'labels'), e.g. original CIFAR-10 test images."),
+    loader: str = typer.Option("gpu", "--loader", help="gpu or ffcv."),
+    bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="eager | compiled | triton (default: as `train`)."),
+):
+    """Time a model's fast recipe over several seeds against the airbench94 baseline: accuracy and time, mean ± std.
+
+    Training time excludes compilation (one untimed warm-up run comes first) and includes the final
+    test-time-augmented evaluation, for both. Results go to a JSON file and to the leaderboard.
+    """
+    from fastcifar.speedrun import speedrun as run
+
+    overrides = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set wants FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
+        overrides=overrides, original_npz=original_npz, loader=loader, bn_backend=bn_backend)
+
+
 def main() -> None:
     try:
         app()

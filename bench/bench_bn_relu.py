@@ -1,0 +1,347 @@
+"""Benchmark the fused BatchNorm(+add)+ReLU kernels against cuDNN and torch.compile.
+
+    python bench/bench_bn_relu.py                 # on a CUDA GPU; writes bench/results/bn_relu_<gpu>.json
+    python bench/bench_bn_relu.py --dry-run       # CPU: same code paths, tiny shapes, Triton interpreter
+
+What it measures (training mode, fp16, channels-last, batch 512 unless told otherwise):
+
+1. Every distinct BatchNorm shape of the model zoo: (C, H, W, residual?, relu?) collected with
+   forward hooks on each model's NormAct / BatchNorm2d modules at batch 1 on the CPU, weighted
+   by how many layers of the zoo have it. For each, forward+backward time (median of
+   triton.testing.do_bench) of
+     fused     kernels.bn_relu
+     eager     F.batch_norm (cuDNN) then ReLU, or then add then ReLU
+     compiled  torch.compile of that eager function
+   Each call takes its inputs from the next of several buffer sets, together larger than twice
+   the L2 cache, so a timed call never finds its inputs in L2 (do_bench also flushes L2).
+2. Achieved bandwidth = minimum bytes / time, against the device's copy bandwidth (a 1 GiB
+   device-to-device copy, bytes read + written). Minimum bytes, E = N*C*H*W*2 (one fp16
+   activation tensor); a per-channel reduction must finish before any output can be written,
+   so the input is read once per pass:
+     forward   read x (statistics), read x (+ residual), write y          3E (4E)
+     backward  read dy, x (sums); read dy, x, write dx                    5E
+               relu with residual: + read y for the mask, + write dres    7E
+               (residual without relu: dres is dy itself, 5E)
+   The same byte count is used for every implementation, so GB/s compares times.
+3. A full training step of resnet_2111 (forward, backward, SGD; batch 512, fp16 autocast,
+   channels-last, torch.compile of the model) with the BN backend `triton` vs `compiled`.
+
+Output: JSON (device, versions, copy bandwidth, per-shape table, summary ratios, train step),
+then a short table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HAVE_CUDA = torch.cuda.is_available()
+if not HAVE_CUDA and "--dry-run" in sys.argv:
+    # The interpreter must be chosen before triton is imported (kernels are decorated then).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.testing  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from kernels import bn_relu  # noqa: E402
+
+# Used only when the model zoo cannot be imported: (C, H, W, residual, relu) -> number of
+# layers, as zoo_shapes() found them over all eight zoo models when this file was written.
+FALLBACK_SHAPES = {
+    (16, 32, 32, False, True): 2, (32, 32, 32, False, True): 9, (32, 32, 32, True, True): 6,
+    (64, 16, 16, False, False): 1, (64, 16, 16, False, True): 6, (64, 16, 16, True, True): 6,
+    (64, 32, 32, False, False): 8, (64, 32, 32, False, True): 17, (64, 32, 32, True, True): 9,
+    (66, 32, 32, False, True): 4, (66, 32, 32, True, True): 3, (128, 8, 8, False, False): 1,
+    (128, 8, 8, False, True): 4, (128, 8, 8, True, True): 4, (128, 16, 16, False, False): 10,
+    (128, 16, 16, False, True): 16, (128, 16, 16, True, True): 10,
+    (128, 32, 32, False, True): 6, (132, 16, 16, False, False): 1,
+    (132, 16, 16, False, True): 4, (132, 16, 16, True, True): 4, (256, 4, 4, False, False): 1,
+    (256, 4, 4, False, True): 4, (256, 4, 4, True, True): 4, (256, 8, 8, False, False): 10,
+    (256, 8, 8, False, True): 14, (256, 8, 8, True, True): 8, (256, 16, 16, False, True): 5,
+    (256, 32, 32, False, False): 1, (256, 32, 32, False, True): 1, (256, 32, 32, True, True): 3,
+    (264, 8, 8, False, False): 1, (264, 8, 8, False, True): 3, (264, 8, 8, True, True): 3,
+    (512, 4, 4, False, False): 1, (512, 4, 4, False, True): 1, (512, 4, 4, True, True): 1,
+    (512, 8, 8, False, True): 5, (512, 16, 16, False, False): 1, (512, 16, 16, False, True): 1,
+    (512, 16, 16, True, True): 3, (1024, 8, 8, False, False): 1, (1024, 8, 8, True, True): 3,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes
+# ------------------------------------------------------------------------------------------
+
+def zoo_shapes(only: list[str] | None = None) -> tuple[dict, str]:
+    """{(C, H, W, residual, relu): layer count over the zoo (or the models in `only`)}, and
+    where it came from."""
+    try:
+        from fastcifar.models import create_model, model_names
+    except Exception as e:  # the zoo is optional for this benchmark
+        print(f"model zoo not importable ({e}); using the built-in shape list", file=sys.stderr)
+        return dict(FALLBACK_SHAPES), "fallback list"
+    names = only or model_names()
+    counts = collections.Counter()
+
+    def hook(module, args, kwargs):
+        x = args[0]
+        residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
+        relu = bool(getattr(module, "relu", False))   # a bare BatchNorm2d has no ReLU
+        C, H, W = x.shape[1:]
+        counts[(C, H, W, residual is not None, relu)] += 1
+
+    for name in names:
+        model = create_model(name).eval()
+        handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+                   for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        for h in handles:
+            h.remove()
+    return dict(counts), "fastcifar.models (" + ", ".join(names) + ")"
+
+
+def min_bytes(numel: int, itemsize: int, residual: bool, relu: bool) -> dict:
+    """Minimum bytes forward and backward must move (see the module docstring)."""
+    E = numel * itemsize
+    fwd = (4 if residual else 3) * E
+    bwd = (7 if residual and relu else 5) * E
+    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd}
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+def bench_ms(fn, quick: bool) -> float:
+    """Median milliseconds per call: triton's do_bench on a GPU, a plain timer on the CPU."""
+    if HAVE_CUDA:
+        return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                       return_mode="median")
+    fn()                                                    # warm-up / compile
+    times = []
+    for _ in range(2 if quick else 5):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbps(device, quick: bool) -> float:
+    """Device-to-device copy of 1 GiB (64 MiB on CPU): (bytes read + written) / time."""
+    n = (1 << 30 if HAVE_CUDA else 1 << 26) // 2
+    a = torch.empty(n, dtype=torch.float16, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = bench_ms(lambda: b.copy_(a), quick)
+    return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
+
+
+def l2_bytes(device) -> int:
+    if HAVE_CUDA:
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+    return 1 << 20
+
+
+def eager_bn_act(x, w, b, rm, rv, residual, relu):
+    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)   # cuDNN on a GPU
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def fused_bn_act(x, w, b, rm, rv, residual, relu):
+    return bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, residual=residual, relu=relu)
+
+
+def time_shape(impls: dict, N, C, H, W, residual, relu, device, dtype, quick) -> dict:
+    """Forward+backward milliseconds of each implementation on one shape."""
+    numel = N * C * H * W
+    per_set = numel * dtype.itemsize * (3 + (2 if residual else 0))   # x, dy, y (+ r, dr)
+    n_sets = max(2, min(16, triton.cdiv(2 * l2_bytes(device), per_set)))
+
+    def make():
+        x = torch.randn(N, C, H, W, device=device, dtype=dtype) * 2 + 1
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        r = (torch.randn_like(x).requires_grad_() if residual else None)
+        dy = torch.randn_like(x)
+        return x, r, dy
+
+    sets = [make() for _ in range(n_sets)]
+    w = torch.rand(C, device=device).add_(0.5).requires_grad_()
+    b = torch.randn(C, device=device).requires_grad_()
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    out = {}
+    for name, fn in impls.items():
+        i = [0]
+
+        def step(fn=fn):
+            x, r, dy = sets[i[0] % n_sets]
+            i[0] += 1
+            y = fn(x, w, b, rm, rv, r, relu)
+            inputs = [x, w, b] + ([r] if residual else [])
+            torch.autograd.grad(y, inputs, dy)
+
+        out[name] = bench_ms(step, quick)
+    return out
+
+
+def train_step_ms(backend: str, batch: int, device, quick: bool) -> dict:
+    """One training step of resnet_2111 (compiled model, fp16 autocast, channels-last)."""
+    from fastcifar.models import create_model, set_bn_backend
+    torch.manual_seed(0)
+    model = create_model("resnet_2111").to(device).to(memory_format=torch.channels_last)
+    set_bn_backend(model, backend)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    cmodel = torch.compile(model)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    amp_dtype = torch.float16 if HAVE_CUDA else torch.bfloat16
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype):
+            loss = F.cross_entropy(cmodel(x), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    step()                                  # compile
+    compile_s = time.perf_counter() - t
+    ms = bench_ms(step, quick)
+    return {"ms_per_step": ms, "images_per_s": batch / (ms * 1e-3), "compile_s": compile_s}
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------
+
+def gpu_slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output (default bench/results/bn_relu_<gpu-name>.json; "
+                        "a temporary file with --dry-run)")
+    p.add_argument("--batch", type=int, default=512, help="batch size (default 512)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny shapes on the CPU under the Triton interpreter: checks the code "
+                        "paths, measures nothing meaningful")
+    p.add_argument("--models", default=None,
+                   help="comma-separated zoo models whose shapes to time (default: all)")
+    p.add_argument("--skip-train-step", action="store_true", help="only the per-shape table")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = p.parse_args(argv)
+    if not HAVE_CUDA and not args.dry_run:
+        p.error("no CUDA device: run on a GPU, or pass --dry-run to check the code paths on CPU")
+
+    device = torch.device("cuda" if HAVE_CUDA else "cpu")
+    dtype = torch.float16
+    batch, quick = args.batch, args.quick or args.dry_run
+    torch._dynamo.config.cache_size_limit = 256            # one compile per shape
+    shapes, source = zoo_shapes(args.models.split(",") if args.models else None)
+    if args.dry_run:   # tiny versions of a few zoo shapes: channel counts kept, H=W<=2, batch 2
+        batch = 2
+        picked = sorted(shapes, key=lambda s: -shapes[s])[:3]
+        picked += [s for s in shapes if s[3] and s[4]][:1] + [s for s in shapes if not s[4]][:1]
+        shapes = {(C, min(H, 2), min(W, 2), r, a): shapes[(C, H, W, r, a)]
+                  for C, H, W, r, a in dict.fromkeys(picked)}
+    name = torch.cuda.get_device_name(device) if HAVE_CUDA else platform.processor() or "cpu"
+    out_path = args.out or (Path(tempfile.gettempdir()) / "bn_relu_dry-run.json" if args.dry_run
+                            else ROOT / "bench" / "results" / f"bn_relu_{gpu_slug(name)}.json")
+
+    copy_gbps = copy_bandwidth_gbps(device, quick)
+    impls = {"fused": fused_bn_act, "eager": eager_bn_act,
+             "compiled": torch.compile(eager_bn_act, dynamic=False)}
+    rows = []
+    for (C, H, W, residual, relu), count in sorted(shapes.items()):
+        numel = batch * C * H * W
+        nbytes = min_bytes(numel, dtype.itemsize, residual, relu)
+        ms = time_shape(impls, batch, C, H, W, residual, relu, device, dtype, quick)
+        row = {"N": batch, "C": C, "H": H, "W": W, "residual": residual, "relu": relu,
+               "count": count, "min_bytes": nbytes["total"],
+               "min_bytes_fwd": nbytes["fwd"], "min_bytes_bwd": nbytes["bwd"]}
+        for k, v in ms.items():
+            row[f"{k}_ms"] = v
+            row[f"{k}_GBps"] = nbytes["total"] / (v * 1e-3) / 1e9
+        row["fused_frac_of_copy_bw"] = row["fused_GBps"] / copy_gbps
+        rows.append(row)
+        print(f"  C={C:4d} {H:2d}x{W:<2d} res={int(residual)} relu={int(relu)} x{count:<3d} "
+              + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items()), file=sys.stderr)
+
+    def weighted(key):
+        return sum(r["count"] * r[key] for r in rows)
+
+    summary = {
+        "zoo_weighted_ms": {k: weighted(f"{k}_ms") for k in impls},
+        "speedup_vs_eager": weighted("eager_ms") / weighted("fused_ms"),
+        "speedup_vs_compiled": weighted("compiled_ms") / weighted("fused_ms"),
+        "fused_GBps_weighted": weighted("min_bytes") / (weighted("fused_ms") * 1e-3) / 1e9,
+        "fused_frac_of_copy_bw": weighted("min_bytes") / (weighted("fused_ms") * 1e-3) / 1e9 / copy_gbps,
+        "floor_ms_at_copy_bw": weighted("min_bytes") / (copy_gbps * 1e9) * 1e3,
+    }
+    train = {}
+    if not args.skip_train_step:
+        step_batch = 2 if args.dry_run else batch
+        for backend in ("triton", "compiled"):
+            train[backend] = train_step_ms(backend, step_batch, device, quick)
+        train["batch"] = step_batch
+        train["speedup_triton_vs_compiled"] = (train["compiled"]["ms_per_step"]
+                                               / train["triton"]["ms_per_step"])
+    result = {
+        "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
+        "memory_format": "channels_last", "batch": batch,
+        "versions": {"torch": torch.__version__, "triton": triton.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "shape_source": source, "copy_GBps": copy_gbps,
+        "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
+                       "E = N*C*H*W*itemsize",
+        "shapes": rows, "summary": summary, "train_step_resnet_2111": train,
+    }
+    write_json(out_path, result)
+
+    print(f"\n{name}  ({'DRY RUN: interpreter timings, meaningless' if args.dry_run else dtype})"
+          f"  copy bandwidth {copy_gbps:.0f} GB/s  -> {out_path}")
+    print(f"{'C':>5} {'HxW':>5} {'res':>3} {'relu':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
+          f"{'compiled':>8} {'fused GB/s':>10} {'%copy':>6}")
+    for r in rows:
+        print(f"{r['C']:5d} {r['H']:>2}x{r['W']:<2} {int(r['residual']):3d} {int(r['relu']):4d} "
+              f"{r['count']:3d} {r['fused_ms']:9.3f} {r['eager_ms']:8.3f} {r['compiled_ms']:8.3f} "
+              f"{r['fused_GBps']:10.0f} {100 * r['fused_frac_of_copy_bw']:5.0f}%")
+    print(f"zoo-weighted fwd+bwd: fused {summary['zoo_weighted_ms']['fused']:.2f} ms, "
+          f"eager {summary['zoo_weighted_ms']['eager']:.2f} ms "
+          f"(x{summary['speedup_vs_eager']:.2f}), compiled "
+          f"{summary['zoo_weighted_ms']['compiled']:.2f} ms (x{summary['speedup_vs_compiled']:.2f}); "
+          f"floor at copy bandwidth {summary['floor_ms_at_copy_bw']:.2f} ms")
+    if train:
+        print(f"resnet_2111 train step (batch {train['batch']}): triton "
+              f"{train['triton']['ms_per_step']:.2f} ms, compiled "
+              f"{train['compiled']['ms_per_step']:.2f} ms "
+              f"(x{train['speedup_triton_vs_compiled']:.2f})")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Training throughput of every zoo model, for each BatchNorm backend and each loader.
+
+    python bench/bench_train.py --data beton_data/cifar10 --out bench/results/bench_train_h100.json
+    python bench/bench_train.py --dry-run --out /tmp/bench_train.json      # tiny CPU smoke run
+
+For each (model, BN backend, loader) it builds the model as `fastcifar train` does (channels-last,
+fp16 autocast with a GradScaler on the GPU, torch.compile unless --no-compile), with the model's
+`fast` recipe batch size, augmentation, optimizer and label smoothing, and measures:
+
+- images/s: `--steps` training steps timed as one block, synchronised only at both ends (the
+  GPU is free to run ahead of the host, as in real training);
+- data-wait share: then `--wait-steps` steps, each split as
+      wait = time blocked in next(loader)   (cuda-synchronised before and after)
+      step = forward + backward + optimizer step (cuda-synchronised after)
+  share = sum(wait) / sum(wait + step). The synchronisation removes overlap, so this is the
+  fraction of a step the data pipeline would cost if nothing hid it;
+- peak GPU memory (torch.cuda.max_memory_allocated) over the whole configuration;
+- compile/warm-up: wall time of the first `--warmup-steps` steps (compilation, autotuning).
+
+The step is the core of train.py's step: forward, label-smoothed cross-entropy, backward,
+optimizer step. Recipe extras (EMA, Lookahead, model perturbation) are left out: they cost the
+same for every backend and loader. A configuration that fails (e.g. a missing Triton kernel)
+gets its error recorded in its row and the benchmark carries on.
+
+Results: one JSON file (device name, versions, command, settings, one row per configuration).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+BACKENDS = ("eager", "compiled", "triton")
+LOADERS = ("ffcv", "gpu")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="beton_data/cifar10", help="folder with train.beton (default: %(default)s)")
+    p.add_argument("--models", nargs="*", default=None, help="zoo models (default: all)")
+    p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--loaders", nargs="*", default=list(LOADERS), choices=LOADERS)
+    p.add_argument("--batch-size", type=int, default=None, help="default: each model's fast recipe")
+    p.add_argument("--warmup-steps", type=int, default=15)
+    p.add_argument("--steps", type=int, default=60, help="steps timed for throughput")
+    p.add_argument("--wait-steps", type=int, default=30, help="steps timed one by one for the data-wait share")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+    p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="tiny CPU smoke run: synthetic data, speedrun_net, eager backend, batch 8, 2+2+2 steps")
+    args = p.parse_args(argv)
+
+    import fastcifar.models as zoo
+    import fastcifar.models.speedrun_net  # noqa: F401  (registers speedrun_net if the zoo does not yet)
+    from fastcifar.speedrun import device_slug
+    from fastcifar.train import _device_name, _versions
+
+    with contextlib.ExitStack() as stack:
+        if args.dry_run:
+            args.device, args.no_compile = "cpu", True
+            args.models = args.models or ["speedrun_net"]
+            args.backends = ["eager"] if args.backends == list(BACKENDS) else args.backends
+            args.batch_size = args.batch_size or 8
+            args.warmup_steps, args.steps, args.wait_steps = 2, 2, 2
+            if not (Path(args.data) / "train.beton").is_file():
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-")))
+                args.data = str(synthetic_data(tmp, n=64))
+        train_beton = Path(args.data) / "train.beton"
+        if not train_beton.is_file():
+            sys.exit(f"error: no {train_beton}; run `fastcifar convert` first or pass --data DIR")
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            sys.exit("error: --device cuda asked for, but torch sees no CUDA device")
+        models = args.models or zoo.model_names()
+        unknown = sorted(set(models) - set(zoo.model_names()))
+        if unknown:
+            sys.exit(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(zoo.model_names())}")
+
+        # Many (model, backend) graphs per process: lift dynamo's per-function recompile limit,
+        # and start each configuration from a clean cache so each compiles with static shapes.
+        torch._dynamo.config.cache_size_limit = 64
+        rows = []
+        for model in models:
+            for backend in args.backends:
+                for loader in args.loaders:
+                    row = bench_one(model, backend, loader, train_beton, device, args)
+                    rows.append(row)
+                    print(format_row(row), flush=True)
+
+    result = {
+        "kind": "bench_train", "device": _device_name(device), "versions": _versions(),
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_train.py", *argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
+        "rows": rows,
+    }
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"bench_train_{device_slug(result['device'])}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from fastcifar.checkpoint import atomic_write_text
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+def bench_one(model: str, backend: str, loader_kind: str, train_beton: Path, device: torch.device, args) -> dict:
+    """Measure one configuration; a failure becomes the row's "error"."""
+    row = {"model": model, "bn_backend": backend, "loader": loader_kind}
+    try:
+        row.update(_measure(model, backend, loader_kind, train_beton, device, args))
+    except Exception as e:  # recorded, not fatal: the other configurations still run
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+    finally:
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def _measure(model_name, backend, loader_kind, train_beton, device, args) -> dict:
+    from beton_data import AugConfig, make_loader
+    from fastcifar.models import create_model, get_recipe
+    from fastcifar.optim import build_optimizer
+
+    gpu = device.type == "cuda"
+    recipe = get_recipe(model_name, "fast")
+    batch = args.batch_size or recipe.batch_size
+    torch.manual_seed(0)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
+    net = model if args.no_compile else torch.compile(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, recipe)
+    scaler = torch.amp.GradScaler(device.type, enabled=gpu)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if gpu else contextlib.nullcontext
+    loader = make_loader(loader_kind, str(train_beton), batch, train=True,
+                         aug=AugConfig(flip=recipe.flip, translate=recipe.translate, cutout=recipe.cutout),
+                         device=device, dtype=torch.float16 if gpu else torch.float32, seed=0)
+    if len(loader) == 0:
+        raise ValueError(f"{train_beton} holds fewer images than one batch of {batch}")
+    batches = endless(loader)
+    sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
+
+    def step(images, labels):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        step(*next(batches))
+    sync()
+    warmup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(*next(batches))
+    sync()
+    elapsed = time.perf_counter() - t0
+
+    wait, total = [], []
+    for _ in range(args.wait_steps):
+        sync()
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        sync()
+        t1 = time.perf_counter()
+        step(images, labels)
+        sync()
+        t2 = time.perf_counter()
+        wait.append(t1 - t0)
+        total.append(t2 - t0)
+    return {
+        "batch_size": batch,
+        "images_per_s": args.steps * batch / elapsed,
+        "step_ms": 1000 * elapsed / args.steps,
+        "data_wait_share": sum(wait) / sum(total),
+        "data_wait_ms": 1000 * float(np.mean(wait)),
+        "synced_step_ms": 1000 * float(np.mean(total)),
+        "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+        "compile_warmup_s": warmup_s,
+        "compiled": not args.no_compile,
+        "params": sum(p.numel() for p in params),
+    }
+
+
+def endless(loader):
+    """Batches forever, epoch after epoch (epoch starts are part of the measured waits)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def synthetic_data(folder: Path, n: int) -> Path:
+    """A random train.beton of n images, for --dry-run without data."""
+    from beton_data import write_beton
+
+    rng = np.random.default_rng(0)
+    write_beton(folder / "train.beton", rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                rng.integers(0, 10, n))
+    return folder
+
+
+def format_row(r: dict) -> str:
+    head = f"{r['model']:>16s} {r['bn_backend']:>8s} {r['loader']:>4s}"
+    if "error" in r:
+        return f"{head}  FAILED: {r['error']}"
+    mem = f"{r['peak_mem_mib']:8.0f} MiB" if r["peak_mem_mib"] is not None else "       - MiB"
+    return (f"{head}  {r['images_per_s']:10.0f} img/s  step {r['step_ms']:7.2f} ms  "
+            f"data wait {100 * r['data_wait_share']:5.1f}%  {mem}  warm-up {r['compile_warmup_s']:6.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""The speedrun baseline: airbench's ``train94`` (PyPI ``airbench==0.1.8``, 94.01% mean accuracy
+published over 1,000 runs on the original CIFAR-10), run on OUR data, device and process.
+
+How airbench 0.1.8 finds its data: ``CifarLoader(path, train)`` loads ``<path>/train.pt`` or
+``<path>/test.pt`` (a ``torch.save`` dict: ``images`` uint8 [N,32,32,3], ``labels`` int64 [N],
+``classes``) and only downloads through torchvision when that file is missing. ``train94`` builds
+its test loader from the relative path ``cifar10``, so the adapter writes both files under
+``<workdir>/cifar10/`` from our .beton files and calls airbench with ``<workdir>`` as the working
+directory: no network, and exactly the images our own runs train and test on.
+
+airbench is used as published, never copied: its network, hyperparameters (``hyp``), loader
+and test-time augmentation are its own. Only the seed is ours (airbench sets none).
+
+Timing matches ours: CUDA-synchronised wall time of training plus the final (TTA) evaluation,
+after the data is on the device and after one untimed warm-up run. Loading the training set
+happens before the clock starts; airbench builds its test loader inside ``train94`` (one 30 MB
+``torch.load``), which stays in its time.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fastcifar.errors import UserError
+
+NAME = "airbench94"
+VERSION = "0.1.8"
+PUBLISHED_ACC = 0.9401          # mean over 1,000 runs on the original CIFAR-10 (airbench README)
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_airbench_split(folder: str | Path, train: bool, images: np.ndarray, labels: np.ndarray) -> Path:
+    """Write ``folder/train.pt`` or ``folder/test.pt`` in the layout airbench's CifarLoader loads;
+    returns its path. Atomic (temporary file in ``folder``, then os.replace)."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise ValueError(f"images must be uint8 [N,32,32,3], got {images.dtype} {list(images.shape)}")
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must have shape [{len(images)}], got {list(labels.shape)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ("train.pt" if train else "test.pt")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),
+                        "labels": torch.from_numpy(labels.astype(np.int64)),
+                        "classes": list(CLASSES)}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def prepare_workdir(workdir: str | Path, data_dir: str | Path, original_npz: Optional[Path] = None) -> Path:
+    """Fill ``workdir`` with what train94 reads: ``cifar10/{train,test}.pt`` from
+    ``data_dir/{train,test}.beton``, and ``original/test.pt`` from ``original_npz`` if given."""
+    from beton_data import read_beton
+
+    workdir, data_dir = Path(workdir), Path(data_dir)
+    for train, name in ((True, "train.beton"), (False, "test.beton")):
+        images, labels = read_beton(data_dir / name)
+        write_airbench_split(workdir / "cifar10", train, images, labels)
+    if original_npz is not None:
+        images, labels = load_npz(original_npz)
+        write_airbench_split(workdir / "original", False, images, labels)
+    return workdir
+
+
+def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``images`` uint8 [N,32,32,3] and ``labels`` [N] from an .npz (e.g. the 1,017 original
+    CIFAR-10 test images)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such .npz file")
+    try:
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"].astype(np.int64)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: expected an .npz with arrays 'images' and 'labels' ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (32, 32, 3) \
+            or labels.shape != (len(images),):
+        raise UserError(f"{path}: 'images' must be uint8 [N,32,32,3] and 'labels' [N], got "
+                        f"{images.dtype} {list(images.shape)} and {list(labels.shape)}")
+    return images, labels
+
+
+def import_airbench():
+    """The airbench module, checked to be the pinned version; UserError if it cannot be used."""
+    try:
+        import airbench
+    except ImportError as e:
+        raise UserError(f"the baseline needs airbench=={VERSION} and torchvision ({e}); "
+                        f"`pip install airbench=={VERSION} torchvision`, or pass --no-baseline") from None
+    version = _dist_version("airbench")
+    if version not in (None, VERSION):
+        raise UserError(f"the baseline is pinned to airbench=={VERSION}, found {version}; "
+                        f"`pip install airbench=={VERSION}`")
+    return airbench
+
+
+def require_cuda(device: str) -> None:
+    """airbench builds its network with ``.cuda()`` and times with CUDA events: GPU only."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise UserError(f"the {NAME} baseline needs a CUDA GPU (device {device!r}, CUDA available: "
+                        f"{torch.cuda.is_available()}); without one use `fastcifar speedrun --no-baseline`")
+
+
+class AirbenchBaseline:
+    """train94 on our data: ``warmup()`` once, then ``run(seed)`` per timed run.
+
+    Use as a context manager; it owns a temporary working directory holding the data files."""
+
+    def __init__(self, data_dir: str | Path, device: str = "cuda", original_npz: Optional[Path] = None):
+        require_cuda(device)
+        self.airbench = import_airbench()
+        self.device = device
+        self._tmp = tempfile.TemporaryDirectory(prefix="airbench-")
+        self.workdir = prepare_workdir(self._tmp.name, data_dir, original_npz)
+        self.has_original = original_npz is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tmp.cleanup()
+
+    @contextlib.contextmanager
+    def _in_workdir(self):
+        # train94 opens its test set as the relative path 'cifar10'
+        old = os.getcwd()
+        os.chdir(self.workdir)
+        try:
+            yield
+        finally:
+            os.chdir(old)
+
+    def warmup(self) -> None:
+        """One untimed training run (cuDNN autotuning, allocator, lazy CUDA init)."""
+        self.run(seed=-1)
+
+    def run(self, seed: int) -> dict:
+        """One timed train94 run; accuracy (fraction) with airbench's own TTA level, time in s."""
+        ab = self.airbench
+        hyp = ab.lib_airbench94.hyp
+        torch.manual_seed(seed & 0xFFFFFFFF)
+        with self._in_workdir():
+            # the training loader train94 would build itself, built before the clock starts
+            loader = ab.CifarLoader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"],
+                                    aug=hyp["aug"], altflip=True)
+            test = ab.CifarLoader("cifar10", train=False, batch_size=2000)
+            tta = hyp["net"]["tta_level"]
+            _sync(self.device)
+            start = time.perf_counter()
+            model = ab.train94(loader, verbose=False)
+            acc = ab.evaluate(model, test, tta_level=tta)
+            _sync(self.device)
+            elapsed = time.perf_counter() - start
+            out = {"seed": seed, "accuracy": float(acc), "time_s": elapsed}
+            if self.has_original:
+                original = ab.CifarLoader("original", train=False, batch_size=2000)
+                out["original_accuracy"] = float(ab.evaluate(model, original, tta_level=tta))
+        return out
+
+
+def run_baseline(data_dir: Path, device: str, seeds: list[int], original_npz: Optional[Path] = None,
+                 on_run: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    """One warm-up, then one timed train94 run per seed."""
+    with AirbenchBaseline(data_dir, device, original_npz) as baseline:
+        baseline.warmup()
+        results = []
+        for seed in seeds:
+            results.append(baseline.run(seed))
+            on_run(results[-1])
+        return results
+
+
+def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None,
+              out: Optional[Path] = None, device: str = "cuda") -> dict:
+    """train94 alone, ``runs`` times on ``data_dir``: how far this data (e.g. the JPEG copy) and
+    machine put it from its published 94.01%. ``gap_to_published`` = published - measured mean
+    (fractions); on the JPEG copy that is the copy's accuracy penalty for this network."""
+    import json
+
+    from fastcifar.checkpoint import atomic_write_text
+    from fastcifar.leaderboard import now_iso
+    from fastcifar.speedrun import _aggregate, _command_line, _versions, data_name
+    from fastcifar.train import _versions as train_versions
+
+    if runs < 1:
+        raise UserError(f"--runs must be at least 1, got {runs}")
+    seeds = list(range(runs))
+    results = run_baseline(Path(data_dir), device, seeds, original_npz,
+                           on_run=lambda r: print(f"  {NAME} seed {r['seed']}: {100 * r['accuracy']:.2f}% "
+                                                  f"in {r['time_s']:.2f} s"))
+    agg = _aggregate(results)
+    result = {"kind": "airbench_calibration", "name": NAME, "package": f"airbench=={VERSION}",
+              "device": torch.cuda.get_device_name(), "data": data_name(Path(data_dir)),
+              "data_dir": str(data_dir), "command": _command_line(), "date": now_iso(),
+              "versions": _versions(train_versions()), "published_acc": PUBLISHED_ACC,
+              "runs": results, **agg, "gap_to_published": PUBLISHED_ACC - agg["accuracy_mean"]}
+    print(f"{NAME} on {result['data']}: {100 * agg['accuracy_mean']:.2f}% mean over {runs} runs "
+          f"(published {100 * PUBLISHED_ACC:.2f}% on the original CIFAR-10): gap "
+          f"{100 * result['gap_to_published']:+.2f} points; time {agg['time_mean_s']:.2f} s")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _dist_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="Calibrate: airbench94 alone, several runs on our data "
+                                            "(python -m fastcifar.baseline --data DIR --runs 5).")
+    p.add_argument("--data", default="beton_data/cifar10", help="folder with train.beton and test.beton")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--original-npz", type=Path, default=None,
+                   help="also score each trained network on these images (e.g. original CIFAR-10 test images)")
+    p.add_argument("--out", type=Path, default=None, help="result JSON")
+    a = p.parse_args()
+    try:
+        calibrate(Path(a.data), a.runs, a.original_npz, a.out)
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,165 @@
+"""BatchNorm + (residual add) + ReLU as one module, with a switchable backend.
+
+Every model in the zoo sends each BatchNorm->ReLU pair, and each BatchNorm->add->ReLU at a
+residual join, through ``NormAct``. That gives the speed work one place to swap the
+implementation without touching model code:
+
+    eager     F.batch_norm, then add, then relu (what nn.BatchNorm2d + nn.ReLU would do)
+    compiled  the same function through torch.compile (compiled once per process, shared by
+              every module; works on CPU too)
+    triton    kernels.bn_relu, the fused Triton kernel
+
+``NormAct`` subclasses nn.BatchNorm2d, so its parameters and buffers (weight, bias,
+running_mean, running_var, num_batches_tracked) carry the same state_dict keys as a plain
+BatchNorm2d: a checkpoint saved under one backend loads under any other, and into the same
+model built with ``plain_bn=True`` (torch's own BatchNorm2d.forward and nn.ReLU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastcifar.errors import UserError
+
+BACKENDS = ("eager", "compiled", "triton")
+
+
+def bn_act(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
+           eps: float, residual=None, relu: bool = True):
+    """relu(batch_norm(x) + residual): the reference every backend must match."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+# torch.compile guards on the Python arguments (relu, residual given or not, training), and
+# dynamo keeps a bounded number of variants per code object. One small function per
+# (residual, relu) combination keeps each one's variants few, so none falls back to eager.
+def _bn(x, w, b, rm, rv, training: bool, momentum: float, eps: float):
+    return F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+
+
+def _bn_relu(x, w, b, rm, rv, training: bool, momentum: float, eps: float):
+    return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+
+
+def _bn_add(x, w, b, rm, rv, training: bool, momentum: float, eps: float, residual):
+    return F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + residual
+
+
+def _bn_add_relu(x, w, b, rm, rv, training: bool, momentum: float, eps: float, residual):
+    return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + residual)
+
+
+_VARIANTS = {(False, False): _bn, (False, True): _bn_relu,
+             (True, False): _bn_add, (True, True): _bn_add_relu}
+_compiled: dict = {}
+
+
+def _compiled_variant(has_residual: bool, relu: bool):
+    """The compiled function for this combination, compiled on first use and then shared."""
+    key = (has_residual, relu)
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_VARIANTS[key])
+    return _compiled[key]
+
+
+def _triton_bn_relu():
+    """kernels.bn_relu, or a UserError saying what is missing."""
+    try:
+        import kernels
+    except ImportError as e:  # pragma: no cover - the package ships with the repository
+        raise UserError(f"the triton BN backend needs the `kernels` package ({e}); "
+                        "reinstall fastcifar or use --bn-backend eager") from None
+    fn = getattr(kernels, "bn_relu", None)
+    if fn is None:
+        raise UserError("the triton BN backend needs kernels.bn_relu, which this install lacks; "
+                        "update the `kernels` package or use the eager/compiled backend")
+    return fn
+
+
+class NormAct(nn.BatchNorm2d):
+    """BatchNorm2d, then optionally ``+ residual``, then optionally ReLU: ``forward(x, residual=None)``.
+
+    In training mode every backend updates running_mean / running_var with nn.BatchNorm2d's
+    momentum rule (unbiased batch variance) and counts ``num_batches_tracked``.
+    """
+
+    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5,
+                 momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.relu = relu
+        self.backend = "eager"
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend}"
+
+    def _momentum(self) -> float:
+        # nn.BatchNorm2d's rule: count the batch, then use momentum, or the cumulative
+        # average 1/n when momentum is None.
+        if not self.training:
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        momentum = self._momentum()
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var,
+                self.training, momentum, self.eps)
+        if self.backend == "eager":
+            return bn_act(*args, residual=residual, relu=self.relu)
+        if self.backend == "compiled":
+            fn = _compiled_variant(residual is not None, self.relu)
+            return fn(*args) if residual is None else fn(*args, residual)
+        if self.backend == "triton":
+            return _triton_bn_relu()(*args, residual=residual, relu=self.relu)
+        raise UserError(f"unknown BN backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+class PlainNormAct(nn.BatchNorm2d):
+    """The ``plain_bn=True`` build: torch's own BatchNorm2d.forward, then ``+ residual``, then nn.ReLU.
+
+    Same call signature as NormAct so model code does not change; it has no backend switch.
+    It is the reference the fused backends are checked against.
+    """
+
+    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5,
+                 momentum: float | None = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = nn.BatchNorm2d.forward(self, x)
+        if residual is not None:
+            y = y + residual
+        return self.act(y)
+
+
+def set_bn_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every NormAct in ``model`` to ``backend`` (eager | compiled | triton); returns model."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown BN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        _triton_bn_relu()  # fail now, not at the first forward
+    for m in model.modules():
+        if isinstance(m, NormAct):
+            m.backend = backend
+    return model
+
+
+def to_plain_bn(model: nn.Module) -> nn.Module:
+    """Replace every NormAct by a PlainNormAct holding the same parameters and buffers."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, NormAct):
+            plain = PlainNormAct(child.num_features, relu=child.relu, eps=child.eps,
+                                 momentum=child.momentum)
+            plain.load_state_dict(child.state_dict())
+            plain.train(child.training)
+            setattr(model, name, plain)
+        else:
+            to_plain_bn(child)
+    return model

@@ -1,0 +1,130 @@
+"""The model registry: one ``@register`` per model, ``create_model(name)`` to build one.
+
+timm-style: each family file (resnet.py, se_resnet.py, ...) decorates its builder functions
+with the report they come from, the published figures and the report's recipe; importing
+``fastcifar.models`` imports the families so every model is registered.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+from fastcifar.errors import UserError
+from fastcifar.models.norm import set_bn_backend, to_plain_bn
+from fastcifar.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    report: str                        # file name of the report, e.g. 004_9a17163d1e54e00e.txt
+    title: str                         # the report's title
+    published_params: Optional[int]    # trainable parameters as the report prints them; None if not printed
+    published_acc: Optional[float]     # test accuracy in percent as the report gives it; None if not given
+    recipe: Recipe                     # the report's own recipe (tag "report")
+    params: int                        # trainable parameters of the model as built here
+    notes: str = ""
+    published_acc_text: Optional[str] = None  # the accuracy as printed where it is a range, e.g. "90-91"
+
+
+_REGISTRY: dict[str, dict] = {}
+
+
+def register(name: str, *, report: str, title: str, published_params: int | None,
+             published_acc: float | None, recipe: Recipe, notes: str = "",
+             published_acc_text: str | None = None, fast: Recipe | None = None):
+    """Decorator registering a builder ``fn(**options) -> nn.Module`` under ``name``.
+
+    ``fast`` overrides the zoo-wide fast recipe for this model (see ``fast_recipe``).
+    """
+    if recipe.tag != "report":
+        raise ValueError(f"{name}: the registered recipe must be tagged 'report', not {recipe.tag!r}")
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = dict(name=name, builder=fn, report=report, title=title,
+                               published_params=published_params, published_acc=published_acc,
+                               recipe=recipe, notes=notes, published_acc_text=published_acc_text,
+                               fast=fast or fast_recipe())
+        return fn
+
+    return deco
+
+
+def fast_recipe(**overrides) -> Recipe:
+    """The zoo-wide starting point for fast training; speed work tunes it per model."""
+    base = Recipe(tag="fast", epochs=24, batch_size=512, optimizer="sgd", lr=0.2, momentum=0.9,
+                  nesterov=True, weight_decay=5e-4, schedule="onecycle", pct_start=0.25,
+                  final_lr_frac=0.0, label_smoothing=0.2, flip=True, translate=2,
+                  notes="Untuned starting point: one-cycle SGD-nesterov, label smoothing 0.2, "
+                        "batch 512, flip + 2-pixel translate.")
+    return dataclasses.replace(base, **overrides)
+
+
+def _entry(name: str) -> dict:
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise UserError(f"unknown model {name!r}; known models: {known}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, bn_backend: str = "eager", plain_bn: bool = False, **options) -> nn.Module:
+    """Build model ``name`` with its BatchNorm+ReLU layers on ``bn_backend``.
+
+    ``plain_bn=True`` builds it with torch's own BatchNorm2d.forward and nn.ReLU instead of
+    NormAct (same state_dict keys); ``options`` go to the model's builder (e.g. ``dropout``).
+    """
+    entry = _entry(name)
+    builder = entry["builder"]
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        allowed = ", ".join(accepted) or "none"
+        raise UserError(f"model {name!r} has no option {', '.join(unknown)}; its options: {allowed}")
+    model = builder(**options)
+    if plain_bn:
+        return to_plain_bn(model)
+    return set_bn_backend(model, bn_backend)
+
+
+def count_params(model: nn.Module) -> int:
+    """Trainable parameters; a tensor shared by several layers counts once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@functools.lru_cache(maxsize=None)
+def _built_params(name: str) -> int:
+    return count_params(_entry(name)["builder"]())
+
+
+def get_model_info(name: str) -> ModelInfo:
+    e = _entry(name)
+    return ModelInfo(name=name, builder=e["builder"], report=e["report"], title=e["title"],
+                     published_params=e["published_params"], published_acc=e["published_acc"],
+                     recipe=e["recipe"], params=_built_params(name), notes=e["notes"],
+                     published_acc_text=e["published_acc_text"])
+
+
+def list_models() -> list[ModelInfo]:
+    return [get_model_info(n) for n in _REGISTRY]
+
+
+def model_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get_recipe(name: str, tag: str = "report") -> Recipe:
+    """The model's ``report`` recipe (as its report wrote it) or its ``fast`` recipe; a copy."""
+    e = _entry(name)
+    if tag == "report":
+        return dataclasses.replace(e["recipe"], sources=dict(e["recipe"].sources))
+    if tag == "fast":
+        return dataclasses.replace(e["fast"], sources=dict(e["fast"].sources))
+    raise UserError(f"unknown recipe tag {tag!r}; choose 'report' or 'fast'")

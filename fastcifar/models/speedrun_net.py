@@ -1,0 +1,134 @@
+"""speedrun_net: fastcifar's own network for the CIFAR-10 speedrun (94% test accuracy, least time).
+
+It is not from a report; it is built for one thing, reaching 94% in the fewest GPU-seconds, using
+ideas the fast CIFAR-10 trainers have made public (a small VGG-like net with residual joins, max
+pooling early, BatchNorm without a learned scale, scaled-down logits, label smoothing, a short
+one-cycle schedule, weight averaging and flip test-time augmentation). Layout, for 32x32 inputs:
+
+    stem    conv3x3 3->32,    BN-ReLU                              32x32
+    block1  conv3x3 32->64,   maxpool, BN-ReLU, conv3x3, BN+skip-ReLU   16x16
+    block2  conv3x3 64->256,  maxpool, BN-ReLU, conv3x3, BN+skip-ReLU    8x8
+    block3  conv3x3 256->256, maxpool, BN-ReLU, conv3x3, BN+skip-ReLU    4x4
+    head    global max pool, linear 256->10 (no bias), x 1/8
+
+About 1.98M trainable parameters and 0.15 GMAC per image forward.
+
+Status: its accuracy and its time against the airbench94 baseline are NOT yet measured; the `fast`
+recipe below is a first setting to be tuned on a GPU (see bench/README.md).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastcifar.models.norm import NormAct
+from fastcifar.models.registry import register
+from fastcifar.recipe import Recipe
+
+
+class Block(nn.Module):
+    """conv -> maxpool -> BN-ReLU -> conv -> BN, + skip, ReLU.
+
+    Pooling right after the first conv, before its BatchNorm and ReLU, runs those two on a quarter
+    of the pixels. With BN's scale fixed at 1 (see `freeze_bn_weight`) BN is an increasing map per
+    channel, and so is ReLU, so max-pooling commutes with both: the result is the same function
+    family as conv-BN-ReLU-pool at a quarter of the elementwise cost (only BN's batch statistics
+    are taken over the pooled pixels instead).
+
+    The identity skip around the second conv (no projection needed: same width and size) gives
+    the short schedule a well-conditioned path for gradients at almost no cost; the add is fused
+    into the BN-ReLU kernel by NormAct.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = NormAct(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = NormAct(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(self.pool(self.conv1(x)))
+        return self.norm2(self.conv2(h), residual=h)
+
+
+class SpeedrunNet(nn.Module):
+    def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
+                 freeze_bn_weight: bool = True, num_classes: int = 10):
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        # A 32-channel stem at full resolution: the first block's conv then sees a nonlinear,
+        # normalised 32-channel input instead of 3 raw colour channels. Kept narrow because
+        # every op at 32x32 costs 4x what it would after the first pool.
+        self.stem = nn.Conv2d(3, w0, 3, padding=1, bias=False)
+        self.stem_norm = NormAct(w0)
+        # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
+        # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
+        # small, the costliest stage per parameter.
+        self.block1 = Block(w0, w1)
+        self.block2 = Block(w1, w2)
+        self.block3 = Block(w2, w3)
+        # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
+        # a little more translation-robust than averaging for a net this shallow.
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(w3, num_classes, bias=False)
+        # Features after BN-ReLU are O(1) per channel, so the raw logits of 256 of them start
+        # large; scaling them down keeps the softmax out of saturation early in training (a fixed
+        # temperature, as public fast CIFAR-10 trainers use with 1/8 to 1/9).
+        self.logit_scale = float(logit_scale)
+        if freeze_bn_weight:
+            # BN's scale is redundant in front of a conv (the conv's weights can absorb it) and,
+            # under weight decay and a high learning rate, a redundant scale only adds a direction
+            # to wander in. Fixed at 1 it also keeps BN increasing, which Block relies on. The
+            # shift (bias) stays learnable: it sets each ReLU's threshold.
+            for m in self.modules():
+                if isinstance(m, NormAct):
+                    m.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_norm(self.stem(x))
+        x = self.block3(self.block2(self.block1(x)))
+        x = self.pool(x).flatten(1)
+        return self.fc(x) * self.logit_scale
+
+
+# The `fast` recipe: a first setting from public fast-training practice, to be tuned on a GPU
+# (bench/gpu_suite.sh sweeps the epochs). Choices:
+# - batch 1024: few, large steps keep the GPU busy; a 2M-parameter net is too small to fill an
+#   H100 at 512.
+# - SGD + Nesterov 0.9, peak lr 0.8 with weight decay 5e-4: the lr 0.4 / wd 5e-4 regime known to
+#   work for batch 512 on BN ResNets, with lr scaled linearly to batch 1024 (half the steps, each
+#   twice the size).
+# - one-cycle, 20% up then linearly to 0: fast schedules spend most steps annealing.
+# - label smoothing 0.2: the strongest cheap regulariser for short runs on CIFAR-10.
+# - EMA of the weights (decay 0.98, about the last epoch): averages out the last steps' noise.
+# - flip + 2-pixel translate: mild augmentation suits a 12-epoch run (stronger augmentation
+#   such as cutout pays off only over longer training).
+# - flip test-time augmentation: two forward passes over the test set, typically worth a few
+#   tenths of a point.
+FAST = Recipe(
+    tag="fast", epochs=12, batch_size=1024, optimizer="sgd", lr=0.8, momentum=0.9, nesterov=True,
+    weight_decay=5e-4, schedule="onecycle", pct_start=0.2, final_lr_frac=0.0,
+    label_smoothing=0.2, ema=0.98, tta="flip", flip=True, translate=2, cutout=0,
+    notes="fastcifar's own speedrun recipe (untuned first setting; accuracy and time not yet "
+          "measured on a GPU).",
+)
+
+
+@register(
+    "speedrun_net",
+    report="",
+    title="fastcifar speedrun network (own design, no report)",
+    published_params=None,
+    published_acc=None,
+    # The registry keeps a report recipe for every model; this one has no report, so that slot
+    # holds the fast recipe itself, tagged "report" as the registry requires.
+    recipe=Recipe(**{**FAST.to_dict(), "tag": "report",
+                     "notes": "No report: this is the fast recipe of fastcifar's own network."}),
+    fast=FAST,
+    notes="Own design for the speedrun; accuracy and time against airbench94 not yet measured.",
+)
+def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
+                 freeze_bn_weight: bool = True) -> nn.Module:
+    return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight)

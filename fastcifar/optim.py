@@ -1,0 +1,262 @@
+"""Optimizers and the tricks around them: Lookahead, adversarial model perturbation, EMA, and
+learning-rate schedules.
+
+Everything here is driven by a `Recipe` and is checkpointable (``state_dict``/``load_state_dict``)
+so that `fastcifar train --resume` continues bit-for-bit.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+from fastcifar.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
+SCHEDULES = ("onecycle", "cosine", "multistep", "plateau", "linear", "constant")
+
+
+# -----------------------------------------------------------------------------
+# optimizer
+
+def build_optimizer(params, recipe) -> torch.optim.Optimizer:
+    """The recipe's optimizer over ``params``. Weight decay applies to every parameter, as the
+    reports do (none of them exempts BatchNorm or biases)."""
+    params = [p for p in params if p.requires_grad]
+    name, lr, wd = recipe.optimizer.lower(), recipe.lr, recipe.weight_decay
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=wd,
+                               nesterov=bool(recipe.nesterov and recipe.momentum > 0))
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd)
+    if name == "adadelta":
+        return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
+    raise UserError(f"unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+# -----------------------------------------------------------------------------
+# learning-rate schedule
+
+class LRSchedule:
+    """Learning rate as a function of the optimizer step, so that resuming at step s gives
+    exactly the lr an uninterrupted run had at step s.
+
+    An optional linear warm-up (0 -> peak over ``warmup_epochs``) runs first; the schedule proper
+    then spans the remaining steps (its "progress" t goes 0 -> 1):
+
+    - onecycle:  peak/25 rising linearly to peak at t = pct_start, then linearly down to
+                 final_lr_frac * peak at t = 1 (triangular one-cycle, as in the fast CIFAR
+                 trainers; it has its own ramp, so a warm-up is rarely needed on top)
+    - cosine:    final + (peak - final) * (1 + cos(pi t)) / 2
+    - linear:    peak linearly down to final_lr_frac * peak
+    - multistep: peak * gamma ** (milestones passed); milestones are epochs counted from the
+                 start of training (warm-up included) and take effect at the first step of
+                 that epoch
+    - plateau:   peak * gamma ** (reductions); a reduction happens when the test loss has not
+                 improved for ``patience`` evaluations (see `observe`)
+    - constant:  peak
+    """
+
+    def __init__(self, recipe, steps_per_epoch: int, total_steps: int | None = None):
+        if recipe.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {recipe.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        self.kind = recipe.schedule
+        self.peak = float(recipe.lr)
+        self.final = float(recipe.final_lr_frac) * self.peak
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total = int(total_steps if total_steps is not None else recipe.epochs * steps_per_epoch)
+        self.warmup = min(int(round(recipe.warmup_epochs * steps_per_epoch)), self.total)
+        self.pct_start = float(recipe.pct_start)
+        self.milestones = sorted(int(round(m * steps_per_epoch)) for m in recipe.milestones)
+        self.gamma = float(recipe.gamma)
+        self.patience = int(recipe.patience)
+        # plateau state
+        self.scale = 1.0
+        self.best = math.inf
+        self.bad_evals = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        if self.kind == "multistep":
+            return self.peak * self.gamma ** sum(step >= m for m in self.milestones)
+        if self.kind == "plateau":
+            return self.peak * self.scale
+        if self.kind == "constant":
+            return self.peak
+        span = max(self.total - self.warmup, 1)
+        t = min(max((step - self.warmup) / span, 0.0), 1.0)
+        if self.kind == "onecycle":
+            start = self.peak / 25
+            if t < self.pct_start:
+                return start + (self.peak - start) * t / self.pct_start
+            return self.peak + (self.final - self.peak) * (t - self.pct_start) / max(1 - self.pct_start, 1e-12)
+        if self.kind == "cosine":
+            return self.final + (self.peak - self.final) * 0.5 * (1 + math.cos(math.pi * t))
+        if self.kind == "linear":
+            return self.peak + (self.final - self.peak) * t
+        raise AssertionError(self.kind)
+
+    def observe(self, test_loss: float) -> None:
+        """Reduce-on-plateau bookkeeping; called after each evaluation (no-op for other kinds)."""
+        if self.kind != "plateau":
+            return
+        if test_loss < self.best * (1 - 1e-4):
+            self.best, self.bad_evals = test_loss, 0
+        else:
+            self.bad_evals += 1
+            if self.bad_evals > self.patience:
+                self.scale *= self.gamma
+                self.bad_evals = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.best, self.bad_evals = state["scale"], state["best"], state["bad_evals"]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# -----------------------------------------------------------------------------
+# Lookahead (Zhang et al. 2019): every k steps pull slow weights towards the fast ones
+
+class Lookahead:
+    """Keeps a slow copy of the weights; every ``k`` optimizer steps
+    ``slow += alpha * (fast - slow)`` and the fast weights restart from ``slow``.
+
+    It wraps nothing: call `step()` after the inner optimizer's step, so that a GradScaler can
+    keep driving the inner optimizer directly."""
+
+    def __init__(self, params, k: int, alpha: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.k, self.alpha = int(k), float(alpha)
+        self.slow = [p.detach().clone() for p in self.params]
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.count += 1
+        if self.count % self.k:
+            return
+        for p, s in zip(self.params, self.slow):
+            s.add_(p - s, alpha=self.alpha)
+            p.copy_(s)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "slow": [s.clone() for s in self.slow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        for s, v in zip(self.slow, state["slow"]):
+            s.copy_(v)
+
+
+# -----------------------------------------------------------------------------
+# Adversarial model perturbation (Zheng et al. 2020, "Regularizing Neural Networks via
+# Adversarial Model Perturbation")
+
+class ModelPerturbation:
+    """AMP minimises the loss at the worst weights within an L2 ball around the current ones.
+
+    One training step with AMP:
+      1. the caller has already back-propagated the loss at w, so ``p.grad`` holds g(w);
+      2. ``perturb()`` runs ``inner_iters`` normalized gradient-ascent steps
+         ``delta += inner_lr * g / ||g||`` on a perturbation delta, each followed by a
+         projection onto ``||delta|| <= epsilon``, leaving the weights at w + delta (between
+         iterations the caller recomputes g at w + delta through ``regrad``);
+      3. the caller back-propagates the loss at w + delta;
+      4. ``restore()`` puts w back; the optimizer then steps with the gradient from 3.
+
+    The ball is per parameter tensor (per layer): each tensor's perturbation has norm at most
+    epsilon, as in the authors' implementation, so a large layer cannot take the whole budget.
+    Gradient scaling (fp16) cancels in g / ||g||; a tensor whose gradient overflowed is left
+    unperturbed for that iteration. ``buffers`` (BatchNorm running statistics) are restored too:
+    only the forward pass at the real weights should update them.
+    """
+
+    def __init__(self, params, buffers, epsilon: float, inner_lr: float, inner_iters: int):
+        self.params = [p for p in params if p.requires_grad]
+        self.buffers = list(buffers)
+        self.epsilon, self.inner_lr, self.inner_iters = float(epsilon), float(inner_lr), int(inner_iters)
+        self.backup: list[torch.Tensor] = []
+        self.buffer_backup: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def _ascend(self, deltas):
+        for p, d in zip(self.params, deltas):
+            if p.grad is None:
+                continue
+            g = p.grad.float()
+            norm = g.norm()
+            step = torch.where(torch.isfinite(norm), g / norm.clamp_min(1e-12), torch.zeros_like(g))
+            d.add_(step, alpha=self.inner_lr)
+            dnorm = d.norm()
+            d.mul_(torch.clamp(self.epsilon / dnorm.clamp_min(1e-12), max=1.0))
+
+    def perturb(self, regrad) -> None:
+        """Move the weights to w + delta; ``regrad()`` must zero the gradients and
+        back-propagate the loss at the current weights (used between inner iterations)."""
+        with torch.no_grad():
+            self.backup = [p.detach().clone() for p in self.params]
+            self.buffer_backup = [b.clone() for b in self.buffers]
+            deltas = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        for i in range(self.inner_iters):
+            if i > 0:
+                regrad()
+            self._ascend(deltas)
+            with torch.no_grad():
+                for p, w, d in zip(self.params, self.backup, deltas):
+                    p.copy_(w + d.to(p.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, w in zip(self.params, self.backup):
+            p.copy_(w)
+        for b, v in zip(self.buffers, self.buffer_backup):
+            b.copy_(v)
+        self.backup, self.buffer_backup = [], []
+
+
+# -----------------------------------------------------------------------------
+# EMA of the weights
+
+class EMA:
+    """An exponential moving average of the weights, evaluated instead of the raw model.
+    BatchNorm running statistics are copied rather than averaged: they already are averages."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = float(decay)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+
+# -----------------------------------------------------------------------------
+# gradient clipping
+
+def clip_gradients(params, recipe) -> None:
+    if recipe.grad_clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, recipe.grad_clip_value)
+    if recipe.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip_norm)

@@ -1,0 +1,298 @@
+"""Correctness of the fused BatchNorm(+add)+ReLU kernels (kernels/batchnorm.py) on CPU.
+
+The kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no
+GPU is present). Every case is compared with a float64 reference (kernels/reference.py) fed
+the very same inputs upcast, so the only differences are the kernels' own errors:
+
+* fp32 compute: all kernel arithmetic and accumulation is fp32; sums run over at most a few
+  thousand elements here, so relative errors stay ~1e-6 (TOL["fp32"] = 2e-5 leaves margin).
+* output rounding: an fp16/bf16 result is the fp32 value rounded to nearest, an error of at
+  most half an ulp, i.e. 2^-11 (fp16) / 2^-8 (bf16) relative. The tolerance is one full ulp
+  relative (2^-10, 2^-7) so that the fp32 error can push a value over a rounding boundary.
+* cancellation: dx = w/std * (dy' - mean(dy') - xhat * mean(dy' xhat)) can be small where its
+  terms are not, so the absolute tolerance scales with the largest |expected| (normwise).
+
+Outputs are filled with NaN before each launch (POISON), so an element no kernel writes fails.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels.batchnorm as impl
+from kernels import BatchNormReLU2d, bn_relu
+from kernels.reference import bn_relu_reference
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {"fp32": 2e-5, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    assert impl.INTERPRET or torch.cuda.is_available(), "kernels must run, not be skipped"
+    monkeypatch.setattr(impl, "POISON", True)
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {})
+
+
+def make_inputs(shape, dtype, channels_last, residual, seed):
+    """Random activations with per-channel means far from zero (so E[x^2] - E[x]^2 would
+    cancel) and spreads that differ per channel; affine params and running stats random."""
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    loc = torch.empty(C).uniform_(-4, 8, generator=g).view(1, C, 1, 1)
+    spread = torch.empty(C).uniform_(0.5, 2.0, generator=g).view(1, C, 1, 1)
+    x = (torch.randn(shape, generator=g) * spread + loc).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = r.contiguous(memory_format=torch.channels_last) if residual else None
+    w = torch.empty(C).uniform_(0.5, 1.5, generator=g) * torch.where(
+        torch.rand(C, generator=g) < 0.2, -1.0, 1.0)   # some negative scales
+    b = torch.randn(C, generator=g) * 0.5
+    rm = torch.randn(C, generator=g)
+    rv = torch.empty(C).uniform_(0.5, 2.0, generator=g)
+    dy = torch.randn(shape, generator=g).to(dtype)
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    return x, w, b, rm, rv, r, dy
+
+
+def close(actual, expected, tol, what):
+    """|a - e| <= tol * (|e| + max|e|): relative per element plus a normwise floor."""
+    expected = expected.detach().double()
+    atol = tol * max(expected.abs().max().item(), 1e-6)
+    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_case(shape, dtype_name, channels_last, training, relu, residual, seed):
+    dtype = DTYPES[dtype_name]
+    x, w, b, rm, rv, r, dy = make_inputs(shape, dtype, channels_last, residual, seed)
+    # kernels
+    xk = x.clone().requires_grad_()
+    wk, bk = w.clone().requires_grad_(), b.clone().requires_grad_()
+    rk = r.clone().requires_grad_() if residual else None
+    rmk, rvk = rm.clone(), rv.clone()
+    y = bn_relu(xk, wk, bk, rmk, rvk, training, 0.1, 1e-5, residual=rk, relu=relu)
+    y.backward(dy)
+    # float64 reference on the same values
+    xr = x.double().requires_grad_()
+    wr, br = w.double().requires_grad_(), b.double().requires_grad_()
+    rr = r.double().requires_grad_() if residual else None
+    rmr, rvr = rm.double(), rv.double()
+    yr = bn_relu_reference(xr, wr, br, rmr, rvr, training, 0.1, 1e-5, residual=rr, relu=relu)
+    yr.backward(dy.double())
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    assert xk.grad.dtype == dtype and xk.grad.is_contiguous(memory_format=fmt)
+    tol = TOL[dtype_name]
+    close(y, yr, tol, "y")
+    close(xk.grad, xr.grad, tol, "dx")
+    # dweight/dbias are fp32 sums of products of the same (rounded) inputs: fp32 accuracy
+    close(wk.grad, wr.grad, 1e-4, "dweight")
+    close(bk.grad, br.grad, 1e-4, "dbias")
+    if residual:
+        assert rk.grad.dtype == dtype
+        close(rk.grad, rr.grad, tol, "dresidual")
+    close(rmk, rmr, 1e-5, "running_mean")
+    close(rvk, rvr, 1e-5, "running_var")
+    if not training:
+        assert torch.equal(rmk, rm) and torch.equal(rvk, rv)
+
+
+SHAPES = [(2, 3, 7, 7), (1, 66, 8, 8), (3, 132, 2, 2), (2, 264, 1, 1), (1, 7, 32, 32),
+          (3, 1, 4, 4), (2, 17, 3, 5), (4, 64, 8, 8), (5, 5, 2, 2), (2, 9, 7, 7)]
+COMBOS = list(itertools.product(DTYPES, (True, False), (True, False), (True, False),
+                                (True, False)))
+
+
+@pytest.mark.parametrize("i", range(len(COMBOS)),
+                         ids=["{}-{}-{}-{}-{}".format(d, "cl" if cl else "nchw",
+                                                      "train" if t else "eval",
+                                                      "relu" if r else "norelu",
+                                                      "res" if s else "nores")
+                              for d, cl, t, r, s in COMBOS])
+def test_matches_float64_reference(i):
+    """Every dtype x layout x mode x relu x residual combination, each on another shape."""
+    dtype, cl, training, relu, residual = COMBOS[i]
+    check_case(SHAPES[i % len(SHAPES)], dtype, cl, training, relu, residual, seed=i)
+
+
+@pytest.mark.parametrize("shape,cl,dtype,training,residual", [
+    ((3, 66, 7, 7), True, "fp16", True, True),
+    ((3, 66, 7, 7), False, "bf16", True, False),
+    ((2, 37, 5, 5), True, "fp32", False, True),
+    ((2, 37, 5, 5), False, "fp32", True, True),
+])
+def test_small_blocks(monkeypatch, shape, cl, dtype, training, residual):
+    """Tiny blocks force what real sizes do on a GPU: several channel blocks per row (also
+    channels-last), several programs each merging several row blocks, ragged last blocks."""
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
+    geo = impl._Geometry(torch.empty(shape), cl)
+    assert geo.c_blocks > 1 and geo.P > 1 and geo.blocks_per_prog > 1
+    check_case(shape, dtype, cl, training, True, residual, seed=100)
+
+
+def test_statistics_survive_cancellation():
+    """fp32 activations with mean 1000 and std 0.05: sum(x^2)/n - mean^2 in fp32 loses the
+    variance entirely, the blockwise mean/M2 merge must not."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, 3, 16, 16, generator=g) * 0.05 + 1000.0)
+    x = x.contiguous(memory_format=torch.channels_last)
+    C = x.shape[1]
+    rm, rv = torch.zeros(C), torch.ones(C)
+    bn_relu(x, torch.ones(C), torch.zeros(C), rm, rv, True, momentum=1.0)
+    n = x.numel() // C
+    true_var = x.double().var(dim=(0, 2, 3), unbiased=True)
+    naive = ((x * x).mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)) ** 2).double() * n / (n - 1)
+    assert ((naive - true_var).abs() / true_var).max() > 0.1   # the trap is real
+    torch.testing.assert_close(rv.double(), true_var, rtol=1e-3, atol=0)
+
+
+def test_module_matches_batchnorm2d_relu():
+    """BatchNormReLU2d against nn.Sequential(nn.BatchNorm2d, nn.ReLU): outputs, gradients,
+    running stats and num_batches_tracked over training steps, then eval. Also a loss
+    whose gradient is not dense (sum over all elements gives an expanded dy)."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(6), nn.ReLU())
+    with torch.no_grad():
+        ref[0].weight.uniform_(0.5, 1.5)
+        ref[0].bias.uniform_(-0.5, 0.5)
+    mod = BatchNormReLU2d(6)
+    mod.load_state_dict({k.removeprefix("0."): v for k, v in ref.state_dict().items()})
+    for step in range(2):
+        x = (torch.randn(3, 6, 5, 5) * 2 + 1).contiguous(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = ref(xa), mod(xb)
+        torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+        # step 1: sum() hands backward an expanded (stride-0) dy
+        loss = (lambda y: (y * y).sum()) if step == 0 else (lambda y: y.sum())
+        loss(ya).backward()
+        loss(yb).backward()
+        torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mod.weight.grad, ref[0].weight.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mod.bias.grad, ref[0].bias.grad, rtol=1e-4, atol=1e-4)
+        mod.zero_grad(), ref.zero_grad()
+    torch.testing.assert_close(mod.running_mean, ref[0].running_mean)
+    torch.testing.assert_close(mod.running_var, ref[0].running_var)
+    assert mod.num_batches_tracked.item() == ref[0].num_batches_tracked.item() == 2
+    ref.eval(), mod.eval()
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert mod.num_batches_tracked.item() == 2
+
+
+def test_module_cumulative_momentum():
+    """momentum=None: cumulative average of the batch statistics, as nn.BatchNorm2d."""
+    torch.manual_seed(1)
+    ref, mod = nn.BatchNorm2d(4, momentum=None), BatchNormReLU2d(4, momentum=None, relu=False)
+    for _ in range(3):
+        x = torch.randn(2, 4, 3, 3) * 3 + 2
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mod.running_var, ref.running_var)
+    torch.testing.assert_close(mod.running_mean, ref.running_mean)
+
+
+def test_state_dict_interop():
+    """Keys and shapes equal nn.BatchNorm2d's; nn.Sequential(BatchNorm2d, ReLU) keys are the
+    same with a "0." prefix, and strict loading works both ways."""
+    seq = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
+    mod = BatchNormReLU2d(5)
+    with torch.no_grad():
+        for t in (seq[0].weight, seq[0].bias, seq[0].running_mean):
+            t.normal_()
+        seq[0].running_var.uniform_(0.5, 2)
+        seq[0].num_batches_tracked.fill_(7)
+    sd = seq.state_dict()
+    assert sorted(sd) == sorted("0." + k for k in mod.state_dict())
+    assert {k: v.shape for k, v in mod.state_dict().items()} == \
+        {k: v.shape for k, v in nn.BatchNorm2d(5).state_dict().items()}
+    mod.load_state_dict({k.removeprefix("0."): v for k, v in sd.items()}, strict=True)
+    for k, v in mod.state_dict().items():
+        assert torch.equal(v, sd["0." + k])
+    back = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
+    back.load_state_dict({"0." + k: v for k, v in mod.state_dict().items()}, strict=True)
+    seq.eval(), mod.eval(), back.eval()
+    x = torch.randn(2, 5, 4, 4)
+    torch.testing.assert_close(mod(x), seq(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(back(x), seq(x))
+
+
+def test_strided_input_and_mixed_residual():
+    """A non-dense input (a slice) is copied to a dense layout; an fp32 residual with an fp16
+    input is cast, and its gradient comes back in fp32."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(3, 8, 6, 6, generator=g) + 2
+    x = big[:, 2:7].half().requires_grad_()            # 5 channels, not dense
+    r = torch.randn(3, 5, 6, 6, generator=g).requires_grad_()
+    w, b = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    y = bn_relu(x, w, b, torch.zeros(5), torch.ones(5), True, residual=r)
+    y.float().square().sum().backward()
+    xr, rr = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    yr = bn_relu_reference(xr, w.detach().double(), b.detach().double(), None, None, True,
+                           residual=rr)
+    (yr.half().double() ** 2).sum().backward()
+    close(y, yr, TOL["fp16"], "y")
+    assert r.grad.dtype == torch.float32
+    # the gradient flowing in is 2*y with y rounded to fp16, so compare at fp16 accuracy
+    close(r.grad, rr.grad, 4 * TOL["fp16"], "dresidual")
+    close(x.grad, xr.grad, 4 * TOL["fp16"], "dx")
+
+
+def test_bad_inputs():
+    w, b, rm, rv = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_relu(torch.randn(1, 4, 1, 1), w, b, rm, rv, True)
+    with pytest.raises(ValueError, match="4-D"):
+        bn_relu(torch.randn(2, 4, 3), w, b, rm, rv, True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        bn_relu(torch.randn(2, 4, 3, 3), torch.ones(3), b, rm, rv, True)
+    with pytest.raises(ValueError, match="residual shape"):
+        bn_relu(torch.randn(2, 4, 3, 3), w, b, rm, rv, True, residual=torch.randn(2, 4, 3, 2))
+    with pytest.raises(ValueError, match="eval mode needs"):
+        bn_relu(torch.randn(2, 4, 3, 3), w, b, None, None, False)
+    # eval with a single value per channel is fine, as in torch
+    y = bn_relu(torch.randn(1, 4, 1, 1), w, b, rm, rv, False)
+    assert torch.isfinite(y).all()
+
+
+def test_torch_compile_fullgraph():
+    """A small residual network built on BatchNormReLU2d compiles with fullgraph=True (no
+    graph breaks: the custom ops have fake impls, the running-stats mutation is declared) and
+    matches eager in outputs, gradients and running statistics."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+            self.bn1 = BatchNormReLU2d(6)
+            self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+            self.bn2 = BatchNormReLU2d(6)
+
+        def forward(self, x):
+            h = self.bn1(self.conv1(x))
+            return self.bn2(self.conv2(h), residual=h).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    eager = Net().to(memory_format=torch.channels_last)
+    compiled_net = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_net, fullgraph=True)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        out_e, out_c = eager(x), compiled(x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        out_e.square().sum().backward()
+        out_c.square().sum().backward()
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_net.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, p), (_, q) in zip(eager.named_buffers(), compiled_net.named_buffers()):
+        torch.testing.assert_close(q, p, msg=name)
+    assert compiled_net.bn1.num_batches_tracked.item() == 2
+    eager.eval(), compiled.eval()
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)

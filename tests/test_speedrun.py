@@ -1,0 +1,194 @@
+"""`fastcifar speedrun` on the CPU with tiny data, the airbench adapter's data preparation, and
+the command's errors. (Timing figures belong to bench/, not here: these tests check plumbing.)"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import fastcifar.models.speedrun_net  # noqa: F401  (registers the model)
+from fastcifar import baseline as ab
+from fastcifar.cli import main
+from fastcifar.errors import UserError
+from fastcifar.leaderboard import ENTRY_DIR, collect
+from fastcifar.speedrun import data_name, device_slug, report_lines, speedrun
+
+
+def _images(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    # class-dependent brightness, so a model can learn something in one epoch
+    images = (rng.integers(0, 60, (n, 32, 32, 3)) + 19 * labels[:, None, None, None]).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny data folder (train 64, test 32 images, JPEG-copy manifest) and an .npz of 12 images."""
+    from beton_data import write_beton
+
+    root = tmp_path_factory.mktemp("speedrun")
+    data = root / "data"
+    for split, n, seed in (("train", 64, 0), ("test", 32, 1)):
+        write_beton(data / f"{split}.beton", *_images(n, seed))
+    (data / "manifest.json").write_text(json.dumps(
+        {"source": "/somewhere/cifar10-jpeg-q75.tar.gz", "lossy_source": True}))
+    images, labels = _images(12, 2)
+    np.savez(root / "original.npz", images=images, labels=labels)
+    return root
+
+
+TINY_RECIPE = {"epochs": "1", "batch_size": "32"}
+
+
+def test_speedrun_cpu_two_runs_writes_result_and_entry(tiny, tmp_path, capsys):
+    out = tmp_path / "results" / "speedrun_tiny.json"
+    result = speedrun(model="speedrun_net", runs=2, baseline=False, data=tiny / "data", out=out,
+                      device="cpu", seed=3, overrides=TINY_RECIPE, original_npz=tiny / "original.npz")
+    stored = json.loads(out.read_text())
+    assert stored == json.loads(json.dumps(result))
+    assert stored["kind"] == "speedrun_result" and stored["model"] == "speedrun_net"
+    assert stored["device"].startswith("CPU") and stored["versions"]["torch"] == torch.__version__
+    assert stored["data"] == "cifar10-jpeg-q75 (lossy)" and stored["recipe_fields"]["epochs"] == 1
+    assert stored["command"] and stored["baseline"] is None and "time_ratio" not in stored
+    assert stored["seeds"] == [3, 4] and [r["seed"] for r in stored["runs"]] == [3, 4]
+    assert stored["warmup"]["seed"] not in stored["seeds"]
+    for r in stored["runs"]:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["original_accuracy"] <= 1
+        assert r["time_s"] == pytest.approx(r["train_s"] + r["eval_s"]) and r["train_s"] > 0 and r["eval_s"] > 0
+    accs = [r["accuracy"] for r in stored["runs"]]
+    assert stored["accuracy_mean"] == pytest.approx(np.mean(accs))
+    assert stored["accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+    assert stored["time_std_s"] is not None and stored["original_accuracy_mean"] is not None
+    # the leaderboard entry beside the result file, de-duplicated against the result file itself
+    assert len(list((out.parent / ENTRY_DIR).glob("*.json"))) == 1
+    [row] = collect([out.parent])
+    assert row["id"] == stored["id"] and row["runs"] == 2 and row["kind"] == "speedrun"
+    printed = capsys.readouterr().out
+    assert "speedrun_net run 2/2 (seed 4)" in printed and "accuracy" in printed and "time" in printed
+
+
+def test_report_lines_with_baseline():
+    result = {"model": "speedrun_net", "device": "NVIDIA H100 80GB HBM3", "data": "cifar10",
+              "runs": [{}, {}], "accuracy_mean": 0.9412, "accuracy_std": 0.001, "time_mean_s": 2.0,
+              "time_std_s": 0.1, "time_ratio": 1.5,
+              "baseline": {"name": "airbench94", "accuracy_mean": 0.94, "accuracy_std": 0.002,
+                           "time_mean_s": 3.0, "time_std_s": 0.05}}
+    lines = report_lines(result)
+    assert "accuracy 94.12 ± 0.10 %" in lines[1] and "time 2.00 ± 0.10 s" in lines[1]
+    assert lines[-1] == "time ratio airbench94 / speedrun_net = 1.50 (speedrun_net is 1.50x faster)"
+    result["time_ratio"] = 0.5
+    assert report_lines(result)[-1].endswith("(speedrun_net is 2.00x slower)")
+
+
+def test_data_name_and_device_slug(tmp_path):
+    assert data_name(tmp_path) == f"{tmp_path.name} (no manifest)"
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"source": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "lossy_source": False}))
+    assert data_name(tmp_path) == "cifar-10-python"
+    assert device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert device_slug("CPU (x86_64, 2 cores, 2 threads)") == "cpu"
+
+
+# -----------------------------------------------------------------------------
+# the airbench adapter
+
+def test_prepare_workdir_writes_what_airbench_loads(tiny, tmp_path):
+    from beton_data import read_beton
+
+    ab.prepare_workdir(tmp_path, tiny / "data", tiny / "original.npz")
+    for sub, split, source in (("cifar10", "train", None), ("cifar10", "test", None), ("original", "test", "npz")):
+        # airbench 0.1.8 does torch.load(path, map_location=...) with torch's default weights_only=True
+        data = torch.load(tmp_path / sub / f"{split}.pt", weights_only=True)
+        if source == "npz":
+            with np.load(tiny / "original.npz") as z:
+                images, labels = z["images"], z["labels"]
+        else:
+            images, labels = read_beton(tiny / "data" / f"{split}.beton")
+        assert data["images"].dtype == torch.uint8 and data["images"].shape == (len(labels), 32, 32, 3)
+        assert data["labels"].dtype == torch.int64
+        assert np.array_equal(data["images"].numpy(), images) and np.array_equal(data["labels"].numpy(), labels)
+        assert data["classes"] == ab.CLASSES
+    assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
+
+
+def test_write_split_rejects_bad_arrays(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        ab.write_airbench_split(tmp_path, True, np.zeros((2, 32, 32, 3), np.float32), np.zeros(2))
+    with pytest.raises(ValueError, match="labels"):
+        ab.write_airbench_split(tmp_path, True, np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3))
+
+
+def test_baseline_needs_cuda():
+    with pytest.raises(UserError, match="needs a CUDA GPU.*--no-baseline"):
+        ab.require_cuda("cpu")
+
+
+def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
+    """The adapter's contract with airbench 0.1.8, checked against a stand-in module: loaders open
+    'cifar10' (and 'original') relative to the working directory, train94 takes our training
+    loader, and evaluate uses airbench's own TTA level."""
+    calls = []
+
+    class CifarLoader:
+        def __init__(self, path, train=True, batch_size=500, aug=None, altflip=False):
+            data = torch.load(f"{path}/{'train' if train else 'test'}.pt", weights_only=True)
+            self.images, self.labels, self.train, self.path = data["images"], data["labels"], train, path
+
+    def train94(train_loader, verbose=True):
+        # train94 itself opens the test split by the relative path 'cifar10'
+        CifarLoader("cifar10", train=False)
+        calls.append(("train94", train_loader.path, train_loader.train, verbose))
+        return "model"
+
+    def evaluate(model, loader, tta_level=0):
+        calls.append(("evaluate", loader.path, tta_level))
+        return 0.5
+
+    hyp = {"opt": {"batch_size": 16}, "aug": {"flip": True, "translate": 2}, "net": {"tta_level": 2}}
+    fake = types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94, evaluate=evaluate,
+                                 lib_airbench94=types.SimpleNamespace(hyp=hyp))
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: fake)
+    seen = []
+    runs = ab.run_baseline(tiny / "data", "cpu", [0, 1], tiny / "original.npz", on_run=seen.append)
+    assert [r["seed"] for r in runs] == [0, 1] and seen == runs
+    assert all(r["accuracy"] == 0.5 and r["original_accuracy"] == 0.5 and r["time_s"] > 0 for r in runs)
+    assert calls[:3] == [("train94", "cifar10", True, False), ("evaluate", "cifar10", 2),
+                         ("evaluate", "original", 2)]
+    assert len(calls) == 9  # warm-up + 2 runs
+
+
+@pytest.mark.skipif("airbench" in sys.modules, reason="airbench is importable here")
+def test_missing_airbench_is_a_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "airbench", None)  # makes `import airbench` fail
+    with pytest.raises(UserError, match=r"airbench==0\.1\.8"):
+        ab.import_airbench()
+
+
+# -----------------------------------------------------------------------------
+# command-line errors
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0", "--no-baseline"], "--runs must be at least 1"),
+    (["--data", "{tmp}/nowhere", "--no-baseline"], "train.beton; run `fastcifar convert` first"),
+    (["--model", "no_such_net", "--no-baseline"], "unknown model 'no_such_net'"),
+    (["--set", "epochs", "--no-baseline"], "--set wants FIELD=VALUE"),
+    (["--set", "no_field=1", "--no-baseline"], "bad override"),
+    (["--original-npz", "{tmp}/missing.npz", "--no-baseline"], "no such .npz file"),
+    (["--device", "cpu"], "needs a CUDA GPU"),
+])
+def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(tiny / "data")]
+    monkeypatch.setattr(sys, "argv", ["fastcifar", "speedrun", "--out", str(tmp_path / "r.json"), *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "r.json").exists()

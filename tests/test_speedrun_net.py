@@ -1,0 +1,58 @@
+"""speedrun_net: exact size, forward/backward, frozen BN scales, and the pooling trick it relies on."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastcifar.models.speedrun_net  # noqa: F401  (registers the model)
+from fastcifar.models import create_model, get_model_info, get_recipe
+from fastcifar.models.norm import NormAct
+from fastcifar.models.speedrun_net import Block
+
+
+def _expected_params(w0=32, w1=64, w2=256, w3=256):
+    def block(ci, co):
+        return ci * co * 9 + co * co * 9 + 2 * co      # two convs, two BN shifts (scales frozen)
+    return 3 * w0 * 9 + w0 + block(w0, w1) + block(w1, w2) + block(w2, w3) + w3 * 10
+
+
+def test_param_count_and_registry():
+    info = get_model_info("speedrun_net")
+    assert info.params == _expected_params() == 1_976_832
+    assert info.published_acc is None and info.published_params is None
+    fast = get_recipe("speedrun_net", "fast")
+    assert fast.tag == "fast" and fast.epochs >= 1 and fast.tta == "flip"
+    small = create_model("speedrun_net", widths=(8, 16, 32, 32))
+    assert sum(p.numel() for p in small.parameters() if p.requires_grad) == _expected_params(8, 16, 32, 32)
+
+
+def test_forward_backward_batch_2():
+    torch.manual_seed(0)
+    model = create_model("speedrun_net").train()
+    x = torch.randn(2, 3, 32, 32)
+    logits = model(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    F.cross_entropy(logits, torch.tensor([1, 7]), label_smoothing=0.2).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:  # the BatchNorm scales, fixed at 1
+            assert name.endswith("weight") and p.grad is None and torch.all(p == 1), name
+    bn = [m for m in model.modules() if isinstance(m, NormAct)]
+    assert len(bn) == 7 and all(not m.weight.requires_grad and m.bias.requires_grad for m in bn)
+
+
+def test_pool_first_equals_pool_last_with_unit_bn_scale():
+    """Block pools before BN-ReLU; with BN's scale fixed at 1 (an increasing map) that is the same
+    function as pooling after them, for fixed statistics (eval mode)."""
+    torch.manual_seed(0)
+    block = create_model("speedrun_net").block1.eval()
+    assert isinstance(block, Block)
+    with torch.no_grad():
+        block.norm1.bias.normal_()
+        block.norm1.running_mean.normal_()
+        block.norm1.running_var.uniform_(0.5, 2.0)
+        y = block.conv1(torch.randn(4, 32, 16, 16))
+        pool_first = block.norm1(block.pool(y))
+        pool_last = block.pool(block.norm1(y))
+    torch.testing.assert_close(pool_first, pool_last)

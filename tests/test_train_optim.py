@@ -1,0 +1,207 @@
+"""Optimizers, schedules, Lookahead, adversarial model perturbation, EMA and clipping."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastcifar.errors import UserError
+from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
+                             clip_gradients)
+from fastcifar.recipe import Recipe
+from train_helpers import make_data, small_config
+
+
+# -----------------------------------------------------------------------------
+# schedules: the lr at known steps (10 steps per epoch, 10 epochs = 100 steps, peak 1.0)
+
+def sched(**kw) -> LRSchedule:
+    return LRSchedule(Recipe(epochs=10, lr=1.0, **kw), steps_per_epoch=10)
+
+
+def test_onecycle_points():
+    s = sched(schedule="onecycle", pct_start=0.25, final_lr_frac=0.0)
+    assert s(0) == pytest.approx(1 / 25)
+    assert s(25) == pytest.approx(1.0)                       # peak at pct_start
+    assert s(12.5) == pytest.approx(1 / 25 + (1 - 1 / 25) / 2)
+    assert s(100) == pytest.approx(0.0)
+    assert s(25 + 37.5) == pytest.approx(0.5)                  # halfway down
+
+
+def test_cosine_linear_constant_points():
+    c = sched(schedule="cosine", final_lr_frac=0.1)
+    assert c(0) == pytest.approx(1.0)
+    assert c(50) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert c(100) == pytest.approx(0.1)
+    li = sched(schedule="linear")
+    assert [li(0), li(50), li(100)] == pytest.approx([1.0, 0.5, 0.0])
+    assert sched(schedule="constant")(73) == 1.0
+
+
+def test_warmup_then_cosine():
+    s = sched(schedule="cosine", warmup_epochs=2)     # 20 warm-up steps, then 80 of cosine
+    assert s(0) == pytest.approx(1 / 20)
+    assert s(9) == pytest.approx(10 / 20)
+    assert s(20) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.5)                 # halfway through the cosine part
+    assert s(100) == pytest.approx(0.0)
+
+
+def test_multistep_changes_at_epoch_boundaries():
+    s = sched(schedule="multistep", milestones=(3, 6), gamma=0.1)
+    assert s(29) == pytest.approx(1.0)
+    assert s(30) == pytest.approx(0.1)
+    assert s(59) == pytest.approx(0.1)
+    assert s(60) == pytest.approx(0.01)
+
+
+def test_plateau_reduces_after_patience_and_resumes():
+    s = sched(schedule="plateau", patience=2, gamma=0.5)
+    for loss in (1.0, 0.9, 0.95, 0.95):
+        s.observe(loss)
+    assert s(0) == 1.0                                 # two bad evaluations: not yet
+    s.observe(0.95)
+    assert s(0) == 0.5                                 # the third one reduces
+    t = sched(schedule="plateau", patience=2, gamma=0.5)
+    t.load_state_dict(s.state_dict())
+    assert t(5) == 0.5 and t.state_dict() == s.state_dict()
+
+
+def test_unknown_schedule_and_optimizer():
+    with pytest.raises(UserError, match="unknown schedule"):
+        sched(schedule="exponential")
+    with pytest.raises(UserError, match="unknown optimizer"):
+        build_optimizer([nn.Parameter(torch.zeros(1))], Recipe(optimizer="lion"))
+
+
+# -----------------------------------------------------------------------------
+# the tricks, one at a time
+
+def test_optimizers_are_built_as_asked():
+    p = [nn.Parameter(torch.zeros(3))]
+    sgd = build_optimizer(p, Recipe(optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=1e-3))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] and sgd.defaults["weight_decay"] == 1e-3
+    assert isinstance(build_optimizer(p, Recipe(optimizer="adam", betas=(0.8, 0.99))), torch.optim.Adam)
+    assert isinstance(build_optimizer(p, Recipe(optimizer="adamw")), torch.optim.AdamW)
+    assert isinstance(build_optimizer(p, Recipe(optimizer="adadelta", lr=1.0)), torch.optim.Adadelta)
+
+
+def test_lookahead_pulls_fast_weights_towards_slow():
+    w = nn.Parameter(torch.zeros(2))
+    la = Lookahead([w], k=2, alpha=0.5)
+    with torch.no_grad():
+        w.add_(1.0)
+    la.step()                                          # step 1 of 2: nothing happens
+    assert torch.equal(w.detach(), torch.ones(2))
+    with torch.no_grad():
+        w.add_(1.0)                                    # fast weights at 2
+    la.step()                                          # slow = 0 + 0.5 * (2 - 0) = 1; fast <- slow
+    assert torch.equal(w.detach(), torch.ones(2)) and torch.equal(la.slow[0], torch.ones(2))
+
+
+def test_model_perturbation_stays_in_ball_raises_loss_and_restores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+
+    def loss():  # training mode throughout: BN uses batch statistics, so this is deterministic
+        return nn.functional.cross_entropy(model(x), y)
+
+    def regrad():
+        for p in params:
+            p.grad = None
+        loss().backward()
+
+    regrad()
+    with torch.no_grad():
+        loss0 = loss().item()
+    before = [p.detach().clone() for p in params]
+    stats = model[1].running_mean.clone()
+    amp = ModelPerturbation(params, list(model.buffers()), epsilon=0.05, inner_lr=0.03, inner_iters=3)
+    amp.perturb(regrad)
+    moved = [(p.detach() - b).norm().item() for p, b in zip(params, before)]
+    assert all(m <= 0.05 + 1e-6 for m in moved)         # each tensor within its ball ...
+    assert max(moved) > 0.05 - 1e-4 and min(moved) > 0  # ... reaching it after 3 steps of 0.03
+    with torch.no_grad():
+        loss_adv = loss().item()
+    assert loss_adv > loss0                               # gradient ascent: a worse point
+    amp.restore()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert torch.equal(model[1].running_mean, stats)     # BN statistics untouched by the probes
+
+
+def test_ema_averages():
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    assert torch.allclose(ema.model.weight, torch.full((1, 2), 0.1))
+
+
+def test_clipping_by_norm_and_value():
+    p = nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    clip_gradients([p], Recipe(grad_clip_norm=1.0))
+    assert p.grad.norm().item() == pytest.approx(1.0)
+    p.grad = torch.tensor([3.0, -4.0, 0.5, 0.0])
+    clip_gradients([p], Recipe(grad_clip_value=1.0))
+    assert p.grad.tolist() == [1.0, -1.0, 0.5, 0.0]
+
+
+# -----------------------------------------------------------------------------
+# every path through the training step runs (two steps of the tiny zoo model)
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("optim_data"), n_train=256, n_test=50)
+
+
+PATHS = {
+    "sgd_nesterov": dict(optimizer="sgd", nesterov=True),
+    "adam": dict(optimizer="adam", lr=1e-3),
+    "adamw_cosine_warmup": dict(optimizer="adamw", lr=1e-3, schedule="cosine", warmup_epochs=0.5),
+    "adadelta_constant": dict(optimizer="adadelta", lr=1.0, schedule="constant"),
+    "multistep": dict(schedule="multistep", milestones=(1, 2)),
+    "plateau": dict(schedule="plateau"),
+    "linear": dict(schedule="linear", warmup_epochs=1),
+    "lookahead": dict(lookahead_k=2, lookahead_alpha=0.5),
+    "amp_perturbation": dict(amp_epsilon=0.1, amp_inner_lr=0.05, amp_inner_iters=2),
+    "ema_tta": dict(ema=0.9, tta="flip_translate"),
+    "clip_norm_value_smoothing": dict(grad_clip_norm=1.0, grad_clip_value=0.5, label_smoothing=0.1),
+    "cutout": dict(cutout=8, translate=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_training_path_runs(data, tmp_path, name):
+    from fastcifar.train import train
+
+    s = train(small_config(data, tmp_path / "run", max_steps=2, overrides=PATHS[name]))
+    assert s["steps"] == 2 and s["status"] == "max_steps"
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    if name == "lookahead":
+        assert ckpt["lookahead"]["count"] == 2
+    if name == "ema_tta":
+        assert ckpt["ema"] is not None
+
+
+def test_bf16_autocast_path_runs_on_cpu(data, tmp_path):
+    from fastcifar.train import train
+
+    s = train(small_config(data, tmp_path / "run", max_steps=2, precision="bf16"))
+    assert s["precision"] == "bf16" and s["steps"] == 2
+
+
+def test_full_epoch_with_tta_and_ema_evaluates(data, tmp_path):
+    from fastcifar.train import train
+
+    s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=1, ema=0.5, tta="flip")))
+    assert s["status"] == "completed" and 0 <= s["final_acc"] <= 1
+    assert math.isfinite(s["final_test_loss"])
