@@ -14,6 +14,7 @@ On a CUDA machine the GPU loader's goal is >= 1,000,000 images/s.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -89,12 +90,12 @@ def time_epochs(loader, epochs: int, device) -> dict:
 
 
 def machine_info(device) -> dict:
-    import ffcv
     import numba
     info = {
         "platform": platform.platform(), "python": platform.python_version(),
         "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(), "torch": torch.__version__, "ffcv": ffcv.__version__,
+        "cpu_model": _cpu_model(), "load_average_1_5_15": os.getloadavg(),
+        "torch": torch.__version__, "ffcv": importlib.metadata.version("ffcv"),
         "numba": numba.__version__, "numpy": np.__version__, "device": str(device),
     }
     if torch.device(device).type == "cuda":

@@ -3,9 +3,10 @@
     python bench/bench_train.py --data beton_data/cifar10 --out bench/results/bench_train_h100.json
     python bench/bench_train.py --dry-run --out /tmp/bench_train.json      # tiny CPU smoke run
 
-For each (model, BN backend, loader) it builds the model as `fastcifar train` does (channels-last,
-fp16 autocast with a GradScaler on the GPU, torch.compile unless --no-compile), with the model's
-`fast` recipe batch size, augmentation, optimizer and label smoothing, and measures:
+For each (model, BN backend) it builds and compiles the model once, as `fastcifar train` does
+(channels-last, fp16 autocast with a GradScaler on the GPU, torch.compile unless --no-compile),
+with the model's `fast` recipe batch size, augmentation, optimizer and label smoothing; then for
+each loader it measures:
 
 - images/s: `--steps` training steps timed as one block, synchronised only at both ends (the
   GPU is free to run ahead of the host, as in real training);
@@ -14,15 +15,18 @@ fp16 autocast with a GradScaler on the GPU, torch.compile unless --no-compile), 
       step = forward + backward + optimizer step (cuda-synchronised after)
   share = sum(wait) / sum(wait + step). The synchronisation removes overlap, so this is the
   fraction of a step the data pipeline would cost if nothing hid it;
-- peak GPU memory (torch.cuda.max_memory_allocated) over the whole configuration;
-- compile/warm-up: wall time of the first `--warmup-steps` steps (compilation, autotuning).
+- peak GPU memory (torch.cuda.max_memory_allocated) over that loader's steps;
+- compile/warm-up: wall time of its first `--warmup-steps` steps (for the first loader of a
+  (model, backend) this includes compilation and autotuning).
 
 The step is the core of train.py's step: forward, label-smoothed cross-entropy, backward,
 optimizer step. Recipe extras (EMA, Lookahead, model perturbation) are left out: they cost the
 same for every backend and loader. A configuration that fails (e.g. a missing Triton kernel)
 gets its error recorded in its row and the benchmark carries on.
 
-Results: one JSON file (device name, versions, command, settings, one row per configuration).
+Results: one JSON file (device name, versions, command, settings, one row per configuration),
+rewritten after every (model, backend) so that a run cut short keeps what it measured;
+--budget-s stops starting new ones.
 """
 from __future__ import annotations
 
@@ -62,12 +66,14 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new (model, backend) after this many seconds; the rest are recorded as skipped")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny CPU smoke run: synthetic data, speedrun_net, eager backend, batch 8, 2+2+2 steps")
     args = p.parse_args(argv)
 
     import fastcifar.models as zoo
-    import fastcifar.models.speedrun_net  # noqa: F401  (registers speedrun_net if the zoo does not yet)
+    from fastcifar.checkpoint import atomic_write_text
     from fastcifar.speedrun import device_slug
     from fastcifar.train import _device_name, _versions
 
@@ -92,65 +98,89 @@ def main(argv=None) -> dict:
         if unknown:
             sys.exit(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(zoo.model_names())}")
 
-        # Many (model, backend) graphs per process: lift dynamo's per-function recompile limit,
-        # and start each configuration from a clean cache so each compiles with static shapes.
-        torch._dynamo.config.cache_size_limit = 64
-        rows = []
+        # One compiled model per (model, backend), shared by the loaders (the graph does not
+        # depend on the loader); the dynamo cache is cleared between them so each compiles
+        # with static shapes and none hits the recompile limit.
+        t_start = time.perf_counter()
+        result = {
+            "kind": "bench_train", "device": _device_name(device), "versions": _versions(),
+            "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_train.py", *argv]),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {k: v for k, v in vars(args).items() if k != "out"},
+            "rows": [],
+        }
+        out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"bench_train_{device_slug(result['device'])}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         for model in models:
             for backend in args.backends:
-                for loader in args.loaders:
-                    row = bench_one(model, backend, loader, train_beton, device, args)
-                    rows.append(row)
+                over = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+                rows = ([{"model": model, "bn_backend": backend, "loader": kind, "error": "skipped: --budget-s spent"}
+                         for kind in args.loaders] if over else
+                        bench_model_backend(model, backend, args.loaders, train_beton, device, args))
+                for row in rows:
                     print(format_row(row), flush=True)
-
-    result = {
-        "kind": "bench_train", "device": _device_name(device), "versions": _versions(),
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_train.py", *argv]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "rows": rows,
-    }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"bench_train_{device_slug(result['device'])}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    from fastcifar.checkpoint import atomic_write_text
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+                result["rows"] += rows
+                # written after every configuration: a run cut short still leaves its figures
+                atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
 
 
-def bench_one(model: str, backend: str, loader_kind: str, train_beton: Path, device: torch.device, args) -> dict:
-    """Measure one configuration; a failure becomes the row's "error"."""
-    row = {"model": model, "bn_backend": backend, "loader": loader_kind}
-    try:
-        row.update(_measure(model, backend, loader_kind, train_beton, device, args))
-    except Exception as e:  # recorded, not fatal: the other configurations still run
-        row["error"] = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-    finally:
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return row
-
-
-def _measure(model_name, backend, loader_kind, train_beton, device, args) -> dict:
-    from beton_data import AugConfig, make_loader
+def bench_model_backend(model_name: str, backend: str, loaders: list[str], train_beton: Path,
+                        device: torch.device, args) -> list[dict]:
+    """One row per loader for this (model, BN backend); a failure becomes a row's "error"."""
     from fastcifar.models import create_model, get_recipe
     from fastcifar.optim import build_optimizer
 
+    rows = [{"model": model_name, "bn_backend": backend, "loader": kind} for kind in loaders]
     gpu = device.type == "cuda"
-    recipe = get_recipe(model_name, "fast")
-    batch = args.batch_size or recipe.batch_size
-    torch.manual_seed(0)
+    try:
+        recipe = get_recipe(model_name, "fast")
+        batch = args.batch_size or recipe.batch_size
+        torch.manual_seed(0)
+        if gpu:
+            torch.backends.cudnn.benchmark = True
+        model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
+        net = model if args.no_compile else torch.compile(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(params, recipe)
+        scaler = torch.amp.GradScaler(device.type, enabled=gpu)
+        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if gpu else contextlib.nullcontext
+
+        def step(images, labels):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                logits = net(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        for row in rows:
+            try:
+                row.update(_measure(step, row["loader"], recipe, batch, train_beton, device, args),
+                           params=sum(p.numel() for p in params), compiled=not args.no_compile)
+            except Exception as e:  # recorded, not fatal: the other configurations still run
+                row["error"] = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+    except Exception as e:  # the model itself could not be built or compiled
+        for row in rows:
+            row.setdefault("error", f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+    finally:
+        torch._dynamo.reset()
+        if gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _measure(step, loader_kind, recipe, batch, train_beton, device, args) -> dict:
+    """Warm-up, throughput and data-wait phases of one loader with an already built step."""
+    from beton_data import AugConfig, make_loader
+
+    gpu = device.type == "cuda"
     if gpu:
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
-    net = model if args.no_compile else torch.compile(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, recipe)
-    scaler = torch.amp.GradScaler(device.type, enabled=gpu)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if gpu else contextlib.nullcontext
     loader = make_loader(loader_kind, str(train_beton), batch, train=True,
                          aug=AugConfig(flip=recipe.flip, translate=recipe.translate, cutout=recipe.cutout),
                          device=device, dtype=torch.float16 if gpu else torch.float32, seed=0)
@@ -158,15 +188,6 @@ def _measure(model_name, backend, loader_kind, train_beton, device, args) -> dic
         raise ValueError(f"{train_beton} holds fewer images than one batch of {batch}")
     batches = endless(loader)
     sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
-
-    def step(images, labels):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            logits = net(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
 
     sync()
     t0 = time.perf_counter()
@@ -201,9 +222,8 @@ def _measure(model_name, backend, loader_kind, train_beton, device, args) -> dic
         "data_wait_ms": 1000 * float(np.mean(wait)),
         "synced_step_ms": 1000 * float(np.mean(total)),
         "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if gpu else None,
+        # the first loader of a (model, backend) includes compilation here
         "compile_warmup_s": warmup_s,
-        "compiled": not args.no_compile,
-        "params": sum(p.numel() for p in params),
     }
 
 

@@ -60,7 +60,7 @@ step() {
   return $rc
 }
 FC="$PY -m fastcifar.cli"
-zoo_models() { $PY -c "import fastcifar.models as m, fastcifar.models.speedrun_net; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
+zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
 
 stage_env() {
   say "environment"
@@ -105,14 +105,16 @@ stage_kernels() {
 
 stage_loaders() {
   if [ -f bench/bench_loaders.py ]; then
-    step $PY bench/bench_loaders.py --device cuda --out "$OUT/bench_loaders.json"
+    step $PY bench/bench_loaders.py --device cuda --beton "$DATA/train.beton" --out "$OUT/bench_loaders.json"
   else say "bench/bench_loaders.py not found: skipped"; fi
 }
 
 stage_train() {
   local sel=()
   [ $# -gt 0 ] && sel=(--models "$@")
-  step $PY bench/bench_train.py --data "$DATA" "${sel[@]}" --out "$OUT/bench_train.json"
+  # bench_train stops starting new (model, backend) pairs a minute before the budget ends
+  step $PY bench/bench_train.py --data "$DATA" "${sel[@]}" --budget-s $(( $(left) - 60 )) \
+    --out "$OUT/bench_train.json"
 }
 
 stage_calibrate() {

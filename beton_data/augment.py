@@ -136,14 +136,12 @@ def augment_numpy(images: np.ndarray, indices: np.ndarray, seed: int, epoch: int
 def normalize(images_nhwc_u8, dtype):
     """uint8 [B,32,32,3] torch tensor -> normalized [B,3,32,32] `dtype`, channels_last.
 
-    The NHWC buffer permuted to NCHW *is* the channels_last layout, so no copy is made for the
-    layout; the arithmetic runs in float32 and is cast once at the end (one shared function so
-    that both loaders produce bit-identical batches)."""
-    import torch
-    x = images_nhwc_u8.permute(0, 3, 1, 2)
-    mean, inv_std = _norm_constants(x.device)
-    x = (x.float() - mean) * inv_std
-    return x.to(dtype=dtype, memory_format=torch.channels_last)
+    The arithmetic runs on the contiguous NHWC tensor (fast elementwise kernels), in float32,
+    cast once at the end; the NHWC result permuted to NCHW *is* the channels_last layout, so the
+    layout costs no copy. One shared function, so that both loaders give bit-identical batches."""
+    mean, inv_std = _norm_constants(images_nhwc_u8.device)
+    x = images_nhwc_u8.float().sub_(mean).mul_(inv_std)
+    return x.to(dtype).permute(0, 3, 1, 2)
 
 
 _NORM_CACHE: dict = {}
@@ -154,7 +152,7 @@ def _norm_constants(device):
     import torch
     key = str(device)
     if key not in _NORM_CACHE:
-        mean = torch.tensor(CIFAR_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-        inv_std = 1.0 / torch.tensor(CIFAR_STD, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(CIFAR_MEAN, dtype=torch.float32)
+        inv_std = 1.0 / torch.tensor(CIFAR_STD, dtype=torch.float32)
         _NORM_CACHE[key] = (mean.to(device), inv_std.to(device))
     return _NORM_CACHE[key]

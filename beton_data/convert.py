@@ -31,6 +31,8 @@ def convert(source: str | None, out: Path, force: bool = False) -> dict:
     unless force."""
     out = Path(out)
     t0 = time.perf_counter()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; pass --out a folder")
     _remove_stale_temporaries(out)
 
     if not force:
@@ -87,14 +89,12 @@ def convert(source: str | None, out: Path, force: bool = False) -> dict:
 
 
 def _same_source(manifest: dict, source: str | None) -> bool:
-    """Cheap check before reading anything: an unchanged archive file or the default download.
-    Folders are compared by content hash after reading (see convert)."""
+    """Cheap check before decoding anything: the default download again, or an archive whose
+    checksum matches. Folders are compared by content hash after reading (see convert)."""
     if source is None:
         return manifest.get("source") == sources.CIFAR_URL
     path = Path(source).expanduser()
-    if not path.is_file() or manifest.get("source") != str(path.resolve()):
-        return False
-    return sources.file_digest(path, "sha256") == manifest.get("source_sha256")
+    return path.is_file() and sources.file_digest(path, "sha256") == manifest.get("source_sha256")
 
 
 def _complete_manifest(out: Path) -> dict | None:

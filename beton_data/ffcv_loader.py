@@ -212,11 +212,17 @@ class FFCVLoader(BaseLoader):
             op.epoch = epoch
         self.ffcv.next_epoch = epoch
         torch_threads = torch.get_num_threads()
+        batches = iter(self.ffcv)
         try:
-            for images, labels in self.ffcv:
+            for b, (images, labels) in enumerate(batches):
+                if b == 0:
+                    # FFCV's epoch thread sets torch's (process-wide) thread count to num_workers
+                    # when it starts; by the first batch it has, so the caller's count comes back.
+                    torch.set_num_threads(torch_threads)
                 # FFCV recycles its output buffers a few batches later: normalize() makes new
                 # tensors, and the labels are copied so callers may keep batches.
                 yield (normalize(images.to(self.device, non_blocking=True), self.dtype),
                        labels.view(-1).to(self.device, copy=True))
         finally:
+            batches.close()
             torch.set_num_threads(torch_threads)

@@ -275,13 +275,16 @@ def decode_chunk(chunk):
     return out, None
 
 
+DECODE_CHUNK = 1000       # images per task sent to a decoding process
+POOL_MIN_IMAGES = 4000    # below this, forking a pool costs more than it saves
+
+
 def _decode_images(images: dict, where: str) -> dict:
     splits = {}
-    chunk_size = 1000
+    chunk_size = DECODE_CHUNK
     n_total = sum(len(v) for v in images.values())
     workers = min(len(os.sched_getaffinity(0)), 8)
-    # Forking a pool costs more than it saves on the few images of a small source.
-    pool = get_context("fork").Pool(workers) if workers > 1 and n_total > 4 * chunk_size else None
+    pool = get_context("fork").Pool(max(workers, 2)) if n_total >= POOL_MIN_IMAGES else None
     try:
         with tqdm(total=n_total, desc="decode images", unit=" img") as bar:
             for split in SPLITS:

@@ -100,7 +100,7 @@ def import_airbench():
     except ImportError as e:
         raise UserError(f"the baseline needs airbench=={VERSION} and torchvision ({e}); "
                         f"`pip install airbench=={VERSION} torchvision`, or pass --no-baseline") from None
-    version = _dist_version("airbench")
+    version = package_version("airbench")
     if version not in (None, VERSION):
         raise UserError(f"the baseline is pinned to airbench=={VERSION}, found {version}; "
                         f"`pip install airbench=={VERSION}`")
@@ -191,8 +191,9 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
     import json
 
     from fastcifar.checkpoint import atomic_write_text
-    from fastcifar.leaderboard import now_iso
-    from fastcifar.speedrun import _aggregate, _command_line, _versions, data_name
+    from fastcifar.leaderboard import data_name, now_iso
+    from fastcifar.speedrun import _aggregate, _command_line, _versions
+    from fastcifar.train import _device_name
     from fastcifar.train import _versions as train_versions
 
     if runs < 1:
@@ -203,7 +204,7 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
                                                   f"in {r['time_s']:.2f} s"))
     agg = _aggregate(results)
     result = {"kind": "airbench_calibration", "name": NAME, "package": f"airbench=={VERSION}",
-              "device": torch.cuda.get_device_name(), "data": data_name(Path(data_dir)),
+              "device": _device_name(torch.device(device)), "data": data_name(Path(data_dir)),
               "data_dir": str(data_dir), "command": _command_line(), "date": now_iso(),
               "versions": _versions(train_versions()), "published_acc": PUBLISHED_ACC,
               "runs": results, **agg, "gap_to_published": PUBLISHED_ACC - agg["accuracy_mean"]}
@@ -222,7 +223,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _dist_version(name: str) -> Optional[str]:
+def package_version(name: str) -> Optional[str]:
+    """The installed version of distribution ``name``, or None."""
     from importlib import metadata
 
     try:

@@ -25,11 +25,15 @@ def convert(
         None, "--source", "-s",
         help="cifar-10-python.tar.gz, its extracted cifar-10-batches-py/ folder, or an image-folder "
              "tree (train/<class>/*, test/<class>/*) as a folder, .tar or .tar.gz. "
-             "Default: download the official archive (MD5-checked, cached)."),
+             "Default: download the official archive (MD5-checked, cached in ~/.cache/fastcifar "
+             "or $FASTCIFAR_CACHE); offline, download it elsewhere and pass its path here."),
     out: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Folder for train.beton, test.beton, manifest.json."),
     force: bool = typer.Option(False, "--force", help="Convert again even if OUT already holds this source."),
 ):
-    """Convert CIFAR-10 to FFCV .beton files (raw RGB images, integer labels)."""
+    """Convert CIFAR-10 to FFCV .beton files (raw RGB images, integer labels).
+
+    Writes OUT/train.beton, OUT/test.beton and OUT/manifest.json (source, checksum, counts per class) in one step: an interrupted run leaves the previous output as it was. Running again on the same source does nothing unless --force.
+    """
     from beton_data.convert import convert as run
 
     run(source=source, out=out, force=force)
@@ -41,7 +45,10 @@ def inspect(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG grid to write (default: next to the data)."),
     samples: int = typer.Option(8, "--samples", "-n", help="Images per class in the grid."),
 ):
-    """Counts per class, pixel statistics, and a grid of samples with and without augmentation."""
+    """Counts per class, pixel statistics, and a grid of samples with and without augmentation.
+
+    The grid shows, per class, the first images as stored (left) and as training sees them with the default augmentation (right: flip + 4-pixel reflect-padded translate).
+    """
     from beton_data.inspect import inspect as run
 
     run(path=path, out=out, samples=samples)

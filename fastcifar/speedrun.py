@@ -34,7 +34,7 @@ import torch
 
 from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import add_entry, mean_std, now_iso
+from fastcifar.leaderboard import add_entry, data_name, format_pm, mean_std, now_iso
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -42,8 +42,7 @@ DEFAULT_RESULTS = Path("bench/results")
 def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              data: Optional[Path] = None, out: Optional[Path] = None, device: str = "auto",
              seed: int = 0, overrides: Optional[dict] = None, original_npz: Optional[Path] = None,
-             loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
-             progress: bool = True) -> dict:
+             loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None) -> dict:
     """Run the speedrun; returns the result written to ``out``."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
@@ -83,7 +82,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         work = Path(work)
         npz_beton = _npz_as_beton(original_npz, work) if original_npz is not None else None
 
-        def one_run(run_seed: int, name: str) -> dict:
+        def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
             summary = _train_once(model, overrides, data, work / name, device, run_seed, loader,
                                   bn_backend, compile)
             t = summary["times"]
@@ -116,35 +115,54 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         result.update(_aggregate(ours))
 
         result["baseline"] = None
+        out = Path(out) if out is not None else DEFAULT_RESULTS / f"speedrun_{model}_{device_slug(result['device'])}.json"
+        _write(result, out)  # our runs are safe on disk before the baseline starts
         if baseline:
-            from fastcifar import baseline as ab
-
-            say(f"baseline: {ab.NAME} (airbench=={ab.VERSION}, published {100 * ab.PUBLISHED_ACC:.2f}% "
-                f"on the original CIFAR-10), 1 warm-up + {runs} timed runs on the same data")
-            base_runs: list[dict] = []
-
-            def on_run(r):
-                base_runs.append(r)
-                say(_run_line(ab.NAME, len(base_runs) - 1, runs, r))
-
-            ab.run_baseline(data, device, result["seeds"], original_npz, on_run=on_run)
-            agg = _aggregate(base_runs)
-            result["baseline"] = {"name": ab.NAME, "package": f"airbench=={ab.VERSION}",
-                                  "published_acc": ab.PUBLISHED_ACC, "runs": base_runs, **agg,
-                                  # on the JPEG copy: the copy's accuracy penalty for airbench94
-                                  "gap_to_published": ab.PUBLISHED_ACC - agg["accuracy_mean"]}
+            try:
+                result["baseline"] = _run_baseline(data, device, result["seeds"], original_npz, say)
+            except Exception as e:  # keep our figures; say what failed
+                result["baseline_error"] = f"{type(e).__name__}: {e}"
+                _finish(result, out, say)
+                raise UserError(f"the baseline failed ({result['baseline_error']}); "
+                                f"the model's own results were written to {out}") from None
             result["time_ratio"] = result["baseline"]["time_mean_s"] / result["time_mean_s"]
+    _finish(result, out, say)
+    return result
 
+
+def _run_baseline(data: Path, device: str, seeds: list[int], original_npz, say) -> dict:
+    from fastcifar import baseline as ab
+
+    say(f"baseline: {ab.NAME} (airbench=={ab.VERSION}, published {100 * ab.PUBLISHED_ACC:.2f}% "
+        f"on the original CIFAR-10), 1 warm-up + {len(seeds)} timed runs on the same data")
+    runs: list[dict] = []
+
+    def on_run(r):
+        runs.append(r)
+        say(_run_line(ab.NAME, len(runs) - 1, len(seeds), r))
+
+    ab.run_baseline(data, device, seeds, original_npz, on_run=on_run)
+    agg = _aggregate(runs)
+    return {"name": ab.NAME, "package": f"airbench=={ab.VERSION}", "published_acc": ab.PUBLISHED_ACC,
+            "runs": runs, **agg,
+            # on the JPEG copy of CIFAR-10 this is the copy's accuracy penalty for airbench94
+            "gap_to_published": ab.PUBLISHED_ACC - agg["accuracy_mean"]}
+
+
+def _write(result: dict, out: Path) -> None:
     result["entries"] = _entries(result)
-    out = Path(out) if out is not None else DEFAULT_RESULTS / f"speedrun_{model}_{device_slug(result['device'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+
+
+def _finish(result: dict, out: Path, say) -> None:
+    """Final result file, leaderboard entries, and the summary on stdout."""
+    _write(result, out)
     for entry in result["entries"]:
         add_entry(out.parent, entry)
     for line in report_lines(result):
         say(line)
     say(f"wrote {out} (and leaderboard entries in {out.parent / 'leaderboard'})")
-    return result
 
 
 # -----------------------------------------------------------------------------
@@ -210,10 +228,10 @@ def _entries(result: dict) -> list[dict]:
 def report_lines(result: dict) -> list[str]:
     """The closing summary: mean ± std of accuracy and time, and the time ratio."""
     def line(name, agg):
-        text = (f"{name:>14s}: accuracy {_pm(agg['accuracy_mean'], agg['accuracy_std'], 100)} %   "
-                f"time {_pm(agg['time_mean_s'], agg['time_std_s'])} s")
+        text = (f"{name:>14s}: accuracy {format_pm(agg['accuracy_mean'], agg['accuracy_std'], 100)} %   "
+                f"time {format_pm(agg['time_mean_s'], agg['time_std_s'])} s")
         if agg.get("original_accuracy_mean") is not None:
-            text += f"   (original test images: {_pm(agg['original_accuracy_mean'], agg['original_accuracy_std'], 100)} %)"
+            text += f"   (original test images: {format_pm(agg['original_accuracy_mean'], agg['original_accuracy_std'], 100)} %)"
         return text
 
     lines = [f"results over {len(result['runs'])} runs on {result['device']}, data {result['data']}:",
@@ -228,33 +246,13 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
-def data_name(data_dir: Path) -> str:
-    """A short name for the data: the source in the folder's manifest (file name without
-    archive extensions), marked '(lossy)' for a JPEG copy."""
-    try:
-        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return f"{Path(data_dir).name} (no manifest)"
-    source = str(manifest.get("source", "?")).rstrip("/")
-    name = re.sub(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", "", source.rsplit("/", 1)[-1])
-    return f"{name} (lossy)" if manifest.get("lossy_source") else name
-
-
 def _versions(train_versions: dict) -> dict:
     import fastcifar
+    from fastcifar.baseline import package_version
 
     return {"fastcifar": fastcifar.__version__, **train_versions,
-            "cuda": torch.version.cuda, "airbench": _package_version("airbench"),
+            "cuda": torch.version.cuda, "airbench": package_version("airbench"),
             "platform": platform.platform()}
-
-
-def _package_version(name: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _command_line() -> str:
@@ -269,10 +267,6 @@ def _run_line(name: str, i: int, n: int, r: dict) -> str:
     if "original_accuracy" in r:
         text += f", original test images {100 * r['original_accuracy']:.2f}%"
     return text
-
-
-def _pm(mean: float, std: Optional[float], scale: float = 1.0) -> str:
-    return f"{scale * mean:.2f}" if std is None else f"{scale * mean:.2f} ± {scale * std:.2f}"
 
 
 def device_slug(device_name: str) -> str:

@@ -54,6 +54,7 @@ batch mean and variance; a tiny [C] kernel.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -129,7 +130,8 @@ def _fwd_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, pcount_ptr, S, C, n_blocks, blo
     c0 = tl.program_id(1) * BLOCK_C
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    count = tl.zeros([BLOCK_C], dtype=tl.float32)  # same for every channel; a vector keeps types simple
+    # rows merged so far: the same for every channel, but a vector keeps the loop types simple
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
     first = p * blocks_per_prog
     last = tl.minimum(first + blocks_per_prog, n_blocks)
     for blk in range(first, last):
@@ -319,6 +321,11 @@ def _bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, dw_pt
 # Launch configuration
 # ----------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
@@ -334,18 +341,20 @@ class _Geometry:
         self.images, self.S = (1, N * H * W) if channels_last else (N, H * W)
         tile = CONFIG_OVERRIDE.get("tile", 4096)
         if channels_last:   # whole rows per tile: one contiguous stretch of memory
-            self.block_c = CONFIG_OVERRIDE.get("block_c", min(_pow2(C), 1024))
-            self.block_m = CONFIG_OVERRIDE.get("block_m", max(1, min(tile // self.block_c, _pow2(self.S))))
+            block_c = min(_pow2(C), 1024)
+            block_m = max(1, min(tile // block_c, _pow2(self.S)))
         else:               # contiguous along h*w
-            self.block_m = CONFIG_OVERRIDE.get("block_m", min(_pow2(self.S), 256))
-            self.block_c = CONFIG_OVERRIDE.get("block_c", max(1, min(_pow2(C), tile // self.block_m)))
+            block_m = min(_pow2(self.S), 256)
+            block_c = max(1, min(_pow2(C), tile // block_m))
+        self.block_m = CONFIG_OVERRIDE.get("block_m", block_m)
+        self.block_c = CONFIG_OVERRIDE.get("block_c", block_c)
         self.c_blocks = triton.cdiv(C, self.block_c)
         self.n_blocks = self.images * triton.cdiv(self.S, self.block_m)
         # reduction passes: enough programs to fill the GPU (each loops over several blocks)
         if "programs" in CONFIG_OVERRIDE:
             target = CONFIG_OVERRIDE["programs"]
         elif x.is_cuda:
-            target = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
+            target = 8 * _sm_count(x.device.index)
         else:       # interpreter: every program instance costs Python time
             target = 4
         per_c = max(1, target // self.c_blocks)
@@ -399,6 +408,9 @@ def forward(x, weight, bias, running_mean, running_var, residual, training: bool
             relu: bool):
     """y and, in training, the batch mean and biased variance (fp32 [C])."""
     _check_device(x)
+    if x.numel() == 0:      # eval on an empty batch (training raised before getting here)
+        stat = x.new_empty(0, dtype=torch.float32)
+        return torch.empty_like(x), stat, stat.clone()
     geo = _Geometry(x, _is_channels_last(x))
     C = geo.C
     if training:
@@ -438,6 +450,9 @@ def backward(dy, x, y, weight, bias, mean, var, training: bool, eps: float, relu
     `mean`/`var` are the batch statistics in training, the running ones in eval; `y` is the
     saved output, needed only for relu with a residual."""
     _check_device(x)
+    if x.numel() == 0:
+        dres = torch.empty_like(x) if relu and has_residual else x.new_empty(0)
+        return torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(bias), dres
     geo = _Geometry(x, _is_channels_last(x))
     C = geo.C
     mask_from = (1 if has_residual else 2) if relu else 0

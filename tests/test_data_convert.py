@@ -1,7 +1,6 @@
 """Conversion to .beton: every source layout, byte-exact round trips, every bad input, atomicity."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -168,6 +167,16 @@ def test_jpeg_folder_is_marked_lossy(tmp_path):
     assert ims.shape == expected["train"][0].shape
 
 
+def test_parallel_decoding_matches_and_reports_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "DECODE_CHUNK", 3)
+    monkeypatch.setattr(sources, "POOL_MIN_IMAGES", 1)   # decode in worker processes
+    folder, expected = make_image_folder(tmp_path / "src", np.random.default_rng(13))
+    convert(str(folder), tmp_path / "out")
+    assert_output(tmp_path / "out", expected)
+    Image.fromarray(np.zeros((31, 32, 3), np.uint8)).save(folder / "test" / "truck" / "0.png")
+    assert "test/truck/0.png" in _convert_error(folder, tmp_path / "out2")
+
+
 # ---- the default download path -------------------------------------------------------------------
 
 def test_download_md5_mismatch_and_cache(tmp_path):
@@ -264,6 +273,13 @@ def test_empty_split(tmp_path):
     import shutil
     shutil.rmtree(folder / "test")
     assert "test split is empty" in _convert_error(folder, tmp_path / "out")
+
+
+def test_out_is_a_file(tmp_path):
+    folder, _ = make_image_folder(tmp_path / "src", np.random.default_rng(14))
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(UserError, match="not a folder"):
+        convert(str(folder), tmp_path / "out")
 
 
 def test_undecodable_image(tmp_path):

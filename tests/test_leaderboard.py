@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _entry(model="speedrun_net", accs=(0.940, 0.942), times=(5.0, 5.2), **kw):
-    return {"model": model, "recipe": "fast", "device": "NVIDIA H100 80GB HBM3", "data": "cifar10-jpeg-q75",
+    return {"model": model, "recipe": "fast", "device": "NVIDIA H100 80GB HBM3", "data": "cifar10-jpeg-q75 (lossy)",
             "accuracies": list(accs), "times_s": list(times), "versions": {"torch": "2.11.0"}, **kw}
 
 
@@ -58,12 +58,23 @@ def test_rows_from_all_sources_deduplicated_and_sorted(tmp_path):
     result = {"kind": "speedrun_result", "entries": [json.loads(ours.read_text()), json.loads(base.read_text())]}
     (tmp_path / "speedrun_speedrun_net_h100.json").write_text(json.dumps(result))
     # two train runs of one configuration pool into one row; a third on other data stays apart
-    for i, (acc, data) in enumerate([(0.95, "cifar10"), (0.96, "cifar10"), (0.90, "cifar10-jpeg-q75")]):
+    # (keys as train.py writes them; the data name comes from the data folder's manifest)
+    for name, source, lossy in (("orig", "/x/cifar-10-python.tar.gz", False), ("jpeg", "/x/cifar10-jpeg-q75.tar.gz", True)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps({"source": source, "lossy_source": lossy}))
+    for i, (acc, data) in enumerate([(0.95, "orig"), (0.96, "orig"), (0.90, "jpeg")]):
         run = tmp_path / "runs" / f"r{i}"
         run.mkdir(parents=True)
         (run / "summary.json").write_text(json.dumps({
-            "model": "resnet_2111", "recipe_tag": "report", "device_name": "cpu", "data_source": data,
-            "final_acc": acc, "train_time_s": 100.0 + i, "run_id": f"t{i}"}))
+            "model": "resnet_2111", "recipe_tag": "report", "recipe": {"tag": "report", "epochs": 30},
+            "device": "cpu", "data": str(tmp_path / data), "final_acc": acc, "train_time_s": 100.0 + i,
+            "run_id": f"t{i}", "finished": f"2026-11-2{i}T10:00:00Z", "versions": {"torch": "2.13.0"},
+            "status": "completed"}))
+    # an interrupted run is not a result
+    (tmp_path / "runs" / "r9").mkdir()
+    (tmp_path / "runs" / "r9" / "summary.json").write_text(json.dumps({
+        "model": "resnet_2111", "recipe_tag": "report", "device": "cpu", "data": str(tmp_path / "orig"),
+        "final_acc": 0.5, "train_time_s": 1.0, "run_id": "t9", "status": "interrupted"}))
     # unrelated JSON, a corrupt file and a temp file of a write in progress are all skipped
     (tmp_path / "bench_train_cpu.json").write_text(json.dumps({"kind": "bench_train", "rows": []}))
     (tmp_path / "broken.json").write_text("{not json")
@@ -73,16 +84,17 @@ def test_rows_from_all_sources_deduplicated_and_sorted(tmp_path):
     assert len(warnings) == 1 and "broken.json" in warnings[0]
     # by data source; within one, rows reaching the 94% target first, each group by time
     assert [(r["model"], r["data"], r["runs"]) for r in rows] == [
-        ("resnet_2111", "cifar10", 2),
-        ("speedrun_net", "cifar10-jpeg-q75", 2),
-        ("airbench94", "cifar10-jpeg-q75", 2),
-        ("resnet_2111", "cifar10-jpeg-q75", 1),
+        ("resnet_2111", "cifar-10-python", 2),
+        ("speedrun_net", "cifar10-jpeg-q75 (lossy)", 2),
+        ("airbench94", "cifar10-jpeg-q75 (lossy)", 2),
+        ("resnet_2111", "cifar10-jpeg-q75 (lossy)", 1),
     ]
     pooled = rows[0]
     assert pooled["accuracy_mean"] == pytest.approx(0.955) and pooled["accuracy_std"] is not None
     md = render_markdown(rows)
-    assert "| speedrun_net | speedrun | fast | NVIDIA H100 80GB HBM3 | cifar10-jpeg-q75 | 94.20 ± 0.14 | 4.20 ± 0.28 | 2 |" in md
-    assert "| resnet_2111 | train | report | cpu | cifar10-jpeg-q75 | 90.00 | 102.00 | 1 |" in md
+    assert ("| speedrun_net | speedrun | fast | NVIDIA H100 80GB HBM3 | cifar10-jpeg-q75 (lossy) | 94.20 ± 0.14 "
+            "| 4.20 ± 0.28 | 2 |") in md
+    assert "| resnet_2111 | train | report | cpu | cifar10-jpeg-q75 (lossy) | 90.00 | 102.00 | 1 | 2026-11-22 |" in md
 
 
 def _write_many(args):

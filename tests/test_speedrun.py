@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-import fastcifar.models.speedrun_net  # noqa: F401  (registers the model)
 from fastcifar import baseline as ab
 from fastcifar.cli import main
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import ENTRY_DIR, collect
-from fastcifar.speedrun import data_name, device_slug, report_lines, speedrun
+from fastcifar.leaderboard import ENTRY_DIR, collect, data_name
+from fastcifar.speedrun import device_slug, report_lines, speedrun
 
 
 def _images(n, seed):
@@ -128,11 +127,8 @@ def test_baseline_needs_cuda():
         ab.require_cuda("cpu")
 
 
-def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
-    """The adapter's contract with airbench 0.1.8, checked against a stand-in module: loaders open
-    'cifar10' (and 'original') relative to the working directory, train94 takes our training
-    loader, and evaluate uses airbench's own TTA level."""
-    calls = []
+def _fake_airbench(calls, fail=False):
+    """A stand-in for airbench 0.1.8 with the same entry points and the same data contract."""
 
     class CifarLoader:
         def __init__(self, path, train=True, batch_size=500, aug=None, altflip=False):
@@ -140,6 +136,8 @@ def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
             self.images, self.labels, self.train, self.path = data["images"], data["labels"], train, path
 
     def train94(train_loader, verbose=True):
+        if fail:
+            raise RuntimeError("CUDA error: out of luck")
         # train94 itself opens the test split by the relative path 'cifar10'
         CifarLoader("cifar10", train=False)
         calls.append(("train94", train_loader.path, train_loader.train, verbose))
@@ -150,8 +148,16 @@ def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
         return 0.5
 
     hyp = {"opt": {"batch_size": 16}, "aug": {"flip": True, "translate": 2}, "net": {"tta_level": 2}}
-    fake = types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94, evaluate=evaluate,
+    return types.SimpleNamespace(CifarLoader=CifarLoader, train94=train94, evaluate=evaluate,
                                  lib_airbench94=types.SimpleNamespace(hyp=hyp))
+
+
+def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
+    """The adapter's contract with airbench 0.1.8, checked against a stand-in module: loaders open
+    'cifar10' (and 'original') relative to the working directory, train94 takes our training
+    loader, and evaluate uses airbench's own TTA level."""
+    calls = []
+    fake = _fake_airbench(calls)
     monkeypatch.setattr(ab, "require_cuda", lambda device: None)
     monkeypatch.setattr(ab, "import_airbench", lambda: fake)
     seen = []
@@ -161,6 +167,46 @@ def test_baseline_runs_train94_in_the_prepared_folder(tiny, monkeypatch):
     assert calls[:3] == [("train94", "cifar10", True, False), ("evaluate", "cifar10", 2),
                          ("evaluate", "original", 2)]
     assert len(calls) == 9  # warm-up + 2 runs
+
+
+def test_calibrate_reports_the_gap_to_the_published_accuracy(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([]))
+    out = tmp_path / "cal.json"
+    ab.calibrate(tiny / "data", runs=2, original_npz=tiny / "original.npz", out=out, device="cpu")
+    stored = json.loads(out.read_text())
+    assert stored["kind"] == "airbench_calibration" and stored["data"] == "cifar10-jpeg-q75 (lossy)"
+    assert len(stored["runs"]) == 2 and stored["accuracy_mean"] == 0.5 and stored["original_accuracy_mean"] == 0.5
+    assert stored["gap_to_published"] == pytest.approx(0.9401 - 0.5)
+    assert "gap +44.01 points" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_speedrun_with_baseline(tiny, tmp_path, monkeypatch, fail):
+    """The baseline's runs, the time ratio and its leaderboard entry; if the baseline breaks, the
+    model's own results are still written and the command fails with a one-line error."""
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([], fail=fail))
+    out = tmp_path / "r.json"
+    args = dict(model="speedrun_net", runs=1, baseline=True, data=tiny / "data", out=out, device="cpu",
+                overrides=TINY_RECIPE)
+    if fail:
+        with pytest.raises(UserError, match="the baseline failed .*out of luck.*written to"):
+            speedrun(**args)
+    else:
+        speedrun(**args)
+    stored = json.loads(out.read_text())
+    assert len(stored["runs"]) == 1 and 0 <= stored["accuracy_mean"] <= 1
+    rows = collect([tmp_path])
+    if fail:
+        assert stored["baseline"] is None and "out of luck" in stored["baseline_error"]
+        assert [r["model"] for r in rows] == ["speedrun_net"]
+    else:
+        b = stored["baseline"]
+        assert b["name"] == "airbench94" and b["accuracy_mean"] == 0.5 and len(b["runs"]) == 1
+        assert b["gap_to_published"] == pytest.approx(0.9401 - 0.5)
+        assert stored["time_ratio"] == pytest.approx(b["time_mean_s"] / stored["time_mean_s"])
+        assert sorted(r["kind"] for r in rows) == ["baseline", "speedrun"]
 
 
 @pytest.mark.skipif("airbench" in sys.modules, reason="airbench is importable here")

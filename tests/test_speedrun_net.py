@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-import fastcifar.models.speedrun_net  # noqa: F401  (registers the model)
 from fastcifar.models import create_model, get_model_info, get_recipe
 from fastcifar.models.norm import NormAct
 from fastcifar.models.speedrun_net import Block

@@ -86,9 +86,14 @@ def test_target_stops_early_and_records_time(data, tmp_path):
     assert s["time_to_target"]["epoch"] == s["epochs_completed"] and s["time_to_target"]["train_s"] > 0
 
 
-def test_resume_is_bit_identical(data, tmp_path):
+def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
     """3 epochs straight == stopped mid-epoch 2, resumed, stopped at the end of epoch 2, resumed
-    to 3; with Lookahead, EMA and a plateau schedule so every piece of state must survive."""
+    to 3; with Lookahead, EMA, a plateau schedule and dropout (so the RNG state matters too):
+    every piece of state must survive."""
+    import fastcifar.models as zoo
+
+    real = zoo.create_model
+    monkeypatch.setattr(zoo, "create_model", lambda name, **kw: torch.nn.Sequential(torch.nn.Dropout(0.1), real(name, **kw)))
     extra = dict(lookahead_k=3, ema=0.8, schedule="plateau", patience=0, gamma=0.5)
     straight = train(small_config(data, tmp_path / "a", overrides=extra))
     first = train(small_config(data, tmp_path / "b", max_steps=13, overrides=extra))
@@ -132,8 +137,12 @@ def test_errors_are_one_line_user_errors(data, tmp_path):
         train(small_config(data, tmp_path / "z", overrides=dict(learning_rate="0.1")))
     with pytest.raises(UserError, match="bad recipe: optimizer"):
         train(small_config(data, tmp_path / "w", overrides=dict(optimizer="rmsprop")))
+    with pytest.raises(UserError, match="has no option depth"):
+        train(TrainConfig(model=MODEL, model_options={"depth": 3}, data=str(data), out=str(tmp_path / "v"),
+                          progress=False))
     with pytest.raises(UserError, match="nothing to resume"):
         train(TrainConfig(resume=str(tmp_path / "empty"), progress=False))
+    assert list(tmp_path.iterdir()) == []                 # no run folder left behind by any of them
 
 
 def test_cli_train_help_and_errors(data, tmp_path):

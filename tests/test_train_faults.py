@@ -80,6 +80,24 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, mon
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_out_of_memory_suggests_a_smaller_batch(data, tmp_path, monkeypatch):
+    import fastcifar.models as zoo
+
+    real = zoo.create_model
+
+    def oom(name, **kw):
+        model = real(name, **kw)
+
+        def hook(module, args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(zoo, "create_model", oom)
+    with pytest.raises(UserError, match="out of memory at batch size 64; try a smaller --batch-size, e.g. --batch-size 32"):
+        train(small_config(data, tmp_path / "run"))
+
+
 def test_huge_learning_rate_is_reported(data, tmp_path):
     with pytest.raises(UserError, match="diverged.*lower --lr"):
         train(small_config(data, tmp_path / "run", overrides=dict(lr=1e30, schedule="constant",

@@ -35,8 +35,10 @@ def bn_act(x, weight, bias, running_mean, running_var, training: bool, momentum:
 
 
 # torch.compile guards on the Python arguments (relu, residual given or not, training), and
-# dynamo keeps a bounded number of variants per code object. One small function per
-# (residual, relu) combination keeps each one's variants few, so none falls back to eager.
+# dynamo keeps a bounded number of variants per code object (8 by default; past that it
+# silently runs eager). One small function per (residual, relu) combination, compiled with
+# dynamic shapes, keeps each to a few variants (train/eval, grad mode, memory format) for
+# every layer of every model.
 def _bn(x, w, b, rm, rv, training: bool, momentum: float, eps: float):
     return F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
 
@@ -62,7 +64,7 @@ def _compiled_variant(has_residual: bool, relu: bool):
     """The compiled function for this combination, compiled on first use and then shared."""
     key = (has_residual, relu)
     if key not in _compiled:
-        _compiled[key] = torch.compile(_VARIANTS[key])
+        _compiled[key] = torch.compile(_VARIANTS[key], dynamic=True)
     return _compiled[key]
 
 
@@ -114,6 +116,10 @@ class NormAct(nn.BatchNorm2d):
             return bn_act(*args, residual=residual, relu=self.relu)
         if self.backend == "compiled":
             fn = _compiled_variant(residual is not None, self.relu)
+            # dynamo keeps nn.Parameter shapes static whatever `dynamic` says, which would
+            # recompile for every channel count; a view of the parameter is a plain tensor
+            # (gradients still flow to the parameter).
+            args = (x, self.weight.view_as(self.weight), self.bias.view_as(self.bias), *args[3:])
             return fn(*args) if residual is None else fn(*args, residual)
         if self.backend == "triton":
             return _triton_bn_relu()(*args, residual=residual, relu=self.relu)

@@ -82,6 +82,8 @@ def create_model(name: str, bn_backend: str = "eager", plain_bn: bool = False, *
     NormAct (same state_dict keys); ``options`` go to the model's builder (e.g. ``dropout``).
     """
     entry = _entry(name)
+    if plain_bn and bn_backend != "eager":
+        raise UserError(f"plain_bn builds use torch's own BatchNorm2d; drop the BN backend {bn_backend!r}")
     builder = entry["builder"]
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(options) - set(accepted))

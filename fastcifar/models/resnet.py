@@ -107,10 +107,10 @@ def resnet_2111(num_classes: int = 10) -> nn.Module:
 
     The layer table (Figure 5) prints three rows that no 3x3/1x1 conv of this network can have:
     Conv2d-20 "294,512" (a 3x3 128->256 conv has 294,912), Conv2d-27 "1,179,448" (3x3 256->512:
-    1,179,648) and Conv2d-31 "131,672" (1x1 256->512: 131,072). With the true sizes the rows sum
-    to the printed total, 4,977,226, so those three figures are typos and the network is the
-    plain one: stem 1,856 + stage1 147,968 + stage2 230,144 + stage3 919,040 + stage4 3,673,088
-    + linear 5,130 = 4,977,226.
+    1,179,648) and Conv2d-31 "131,672" (1x1 256->512: 131,072). The misprints cancel (-400,
+    -200, +600), and with the true sizes the rows still sum to the printed total, so they are
+    typos and the network is the plain one: stem 1,856 + stage1 147,968 + stage2 230,144 +
+    stage3 919,040 + stage4 3,673,088 + linear 5,130 = 4,977,226.
     """
     return ResNet(widths=(64, 128, 256, 512), blocks=(2, 1, 1, 1), num_classes=num_classes)
 

@@ -1,0 +1,62 @@
+"""bench/bench_train.py --dry-run (tiny CPU mode) and bench/gpu_suite.sh's argument check."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_dry_run(tmp_path, capsys):
+    out = tmp_path / "bench_train.json"
+    result = _bench_train().main(["--dry-run", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["kind"] == "bench_train" and stored["device"].startswith("CPU")
+    assert stored["versions"]["torch"] and "--dry-run" in stored["command"] and stored["date"]
+    assert [(r["model"], r["bn_backend"], r["loader"]) for r in stored["rows"]] == [
+        ("speedrun_net", "eager", "ffcv"), ("speedrun_net", "eager", "gpu")]
+    for r in stored["rows"]:
+        assert "error" not in r, r
+        assert r["batch_size"] == 8 and r["images_per_s"] > 0 and r["step_ms"] > 0
+        assert 0 < r["data_wait_share"] < 1 and r["data_wait_ms"] > 0 and r["compile_warmup_s"] > 0
+        assert r["peak_mem_mib"] is None  # no GPU memory on the CPU
+    assert stored["rows"] == result["rows"]
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_bench_train_records_a_failing_configuration(tmp_path):
+    out = tmp_path / "b.json"
+    _bench_train().main(["--dry-run", "--loaders", "gpu", "--batch-size", "100", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert "fewer images than one batch" in row["error"]  # 64 synthetic images < one batch of 100
+
+
+def test_bench_train_budget_skips_and_still_writes(tmp_path):
+    out = tmp_path / "b.json"
+    _bench_train().main(["--dry-run", "--budget-s", "0", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["error"] == "skipped: --budget-s spent" for r in rows)
+
+
+def test_bench_train_unknown_model(tmp_path):
+    with pytest.raises(SystemExit, match="unknown model"):
+        _bench_train().main(["--dry-run", "--models", "no_such_net", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_suite_rejects_unknown_stage(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "nonsense"], capture_output=True, text=True,
+                       env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "unknown stage 'nonsense'" in r.stderr
+    assert not (tmp_path / "out").exists()
