@@ -182,7 +182,12 @@ class _GivenOrder(TraversalOrder):
 class FFCVLoader(BaseLoader):
     def __init__(self, path, num_workers: int | None = None, **kw):
         from ffcv.reader import Reader
-        num_total = int(Reader(str(path)).num_samples)
+
+        from fastcifar.errors import UserError
+        try:
+            num_total = int(Reader(str(path)).num_samples)
+        except Exception as e:  # FFCV raises assorted errors on foreign or truncated files
+            raise UserError(f"{path}: not a readable FFCV .beton ({type(e).__name__}: {e})") from None
         super().__init__(path, num_total, **kw)
         self.num_workers = num_workers or len(os.sched_getaffinity(0))
         self.ops = augmentation_ops(self.aug, self.seed)

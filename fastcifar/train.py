@@ -20,8 +20,9 @@ Design points, each for a reason:
   wall_s = setup_s + train_s + compile_warmup_s + eval_s + checkpoint_s + other_s.
   time_to_target.train_s counts training steps only (no evaluation, no compilation), the
   speedrun convention; time_to_target.wall_s counts everything since the process started.
-- Signals: SIGINT/SIGTERM finish the current step, write a checkpoint holding the position
-  within the epoch, write summary.json (status "interrupted") and return; the CLI then exits
+- Signals: SIGINT/SIGTERM finish the current step (with several processes: the steps up to the
+  next sync, where all ranks agree to stop at the same step), write a checkpoint holding the
+  position within the epoch, write summary.json (status "interrupted") and return; the CLI then exits
   with 128 + signal number (130 for SIGINT, 143 for SIGTERM).
 - A non-finite loss stops the run with a UserError; checkpoints are only written from finite
   weights, so the last good one stays in place.
@@ -152,6 +153,9 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
     test_loader = make_loader(cfg.loader, str(data_dir / "test.beton"), max(per_rank_batch, 500),
                               train=False, aug=None, **common)
     steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise UserError(f"batch size {recipe.batch_size} is larger than the training set "
+                        f"({train_loader.num_samples * info.world_size} images); pass a smaller --batch-size")
     total_steps = recipe.epochs * steps_per_epoch
 
     # --- optimisation ------------------------------------------------------------------------
@@ -376,7 +380,9 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
             times["warmup_s"], times["warmup_steps"] = time.perf_counter() - warm_t0, WARMUP_STEPS
             warm_t0 = None
         max_hit = cfg.max_steps is not None and state["step"] >= cfg.max_steps
-        if state["batch"] % SYNC_EVERY == 0 or state["batch"] == steps_per_epoch or max_hit:
+        # one process answers a signal after the current step; several agree on it at a sync
+        signalled = stop.signum is not None and not info.enabled
+        if state["batch"] % SYNC_EVERY == 0 or state["batch"] == steps_per_epoch or max_hit or signalled:
             # the one host sync: NaN check, progress bar, and whether any rank was signalled
             flags = torch.cat([window, one.view(1) * float(stop.signum is not None)])
             dist.all_reduce(flags, info)

@@ -32,8 +32,9 @@ bytes moved (E = one activation tensor):
 Forward moves 3E (4E with residual); eval forward 2E (3E).
 
 Layouts. Channels-last x is a row-major [N*H*W, C] matrix: a tile is BLOCK_M whole rows
-(BLOCK_C = next power of two >= C), i.e. one contiguous stretch of memory, so loads are
-fully coalesced even for C = 66 or 132 where the padded lanes just sit idle (the kernels are
+(BLOCK_C = next power of two >= C, for C <= 256; wider rows are split in 256-channel blocks,
+still 512-byte contiguous runs), i.e. one contiguous stretch of memory, so loads are fully
+coalesced even for C = 66 or 132 where the padded lanes just sit idle (the kernels are
 memory-bound, idle ALUs cost nothing). Contiguous NCHW x uses another index map over the
 same loops: rows are (n, h*w) pairs of one image so that a tile's rows are contiguous in
 memory and the compiler coalesces along them; no copy is made. Other strides are copied to
@@ -341,7 +342,7 @@ class _Geometry:
         self.images, self.S = (1, N * H * W) if channels_last else (N, H * W)
         tile = CONFIG_OVERRIDE.get("tile", 4096)
         if channels_last:   # whole rows per tile: one contiguous stretch of memory
-            block_c = min(_pow2(C), 1024)
+            block_c = min(_pow2(C), 256)    # wider C: several channel blocks, more programs
             block_m = max(1, min(tile // block_c, _pow2(self.S)))
         else:               # contiguous along h*w
             block_m = min(_pow2(self.S), 256)
@@ -350,15 +351,18 @@ class _Geometry:
         self.block_c = CONFIG_OVERRIDE.get("block_c", block_c)
         self.c_blocks = triton.cdiv(C, self.block_c)
         self.n_blocks = self.images * triton.cdiv(self.S, self.block_m)
-        # reduction passes: enough programs to fill the GPU (each loops over several blocks)
+        # Reduction passes: enough programs to fill the GPU, each looping over several blocks,
+        # but each covering >= 256 rows so that the per-program partials ([P, C] fp32, written
+        # then re-read by the finalize kernel) stay ~2% of the bytes the pass moves.
+        min_blocks = triton.cdiv(256, self.block_m)
         if "programs" in CONFIG_OVERRIDE:
-            target = CONFIG_OVERRIDE["programs"]
+            target, min_blocks = CONFIG_OVERRIDE["programs"], 1
         elif x.is_cuda:
             target = 8 * _sm_count(x.device.index)
         else:       # interpreter: every program instance costs Python time
             target = 4
         per_c = max(1, target // self.c_blocks)
-        self.blocks_per_prog = triton.cdiv(self.n_blocks, per_c)
+        self.blocks_per_prog = max(triton.cdiv(self.n_blocks, per_c), min_blocks)
         self.P = triton.cdiv(self.n_blocks, self.blocks_per_prog)
         self.num_warps = 4 if self.block_m * self.block_c <= 4096 else 8
 
@@ -369,8 +373,10 @@ class _Geometry:
         return (self.n_blocks, self.c_blocks)
 
     def small(self):
-        """Block sizes for the [P, C] partial-combining kernels."""
-        block_c = min(_pow2(self.C), 256)
+        """Block sizes for the [P, C] partial-combining kernels: narrow channel blocks so
+        that many programs share the work and each loops over few [BLOCK_P, BLOCK_C] tiles
+        (P <= ~8 x SMs, i.e. <= ~9 iterations)."""
+        block_c = min(_pow2(self.C), 32)
         block_p = max(1, min(_pow2(self.P), 4096 // block_c))
         return block_p, block_c, triton.cdiv(self.C, block_c)
 

@@ -111,6 +111,24 @@ def test_write_read_beton_roundtrip(tmp_path):
     assert no_temporaries(tmp_path) == []
 
 
+def test_write_beton_rejects_bad_arrays(tmp_path):
+    with pytest.raises(ValueError, match="uint8"):
+        write_beton(tmp_path / "x.beton", np.zeros((2, 32, 32, 3), np.float32), np.zeros(2, int))
+    with pytest.raises(ValueError, match="32,32,3"):
+        write_beton(tmp_path / "x.beton", np.zeros((2, 28, 28, 3), np.uint8), np.zeros(2, int))
+    with pytest.raises(ValueError, match="labels"):
+        write_beton(tmp_path / "x.beton", np.zeros((2, 32, 32, 3), np.uint8), np.zeros(3, int))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_beton_rejects_truncated_file(tmp_path):
+    write_beton(tmp_path / "x.beton", np.zeros((5, 32, 32, 3), np.uint8), np.arange(5))
+    data = (tmp_path / "x.beton").read_bytes()
+    (tmp_path / "cut.beton").write_bytes(data[:len(data) // 3])
+    with pytest.raises(UserError, match="cut.beton"):
+        read_beton(tmp_path / "cut.beton")
+
+
 def test_cifar_python_archive_and_folder_exact(tmp_path):
     rng = np.random.default_rng(1)
     folder, expected = make_batches_folder(tmp_path / "src", rng)
@@ -239,6 +257,14 @@ def test_label_out_of_range_names_batch_and_index(tmp_path):
     folder, _ = make_batches_folder(tmp_path / "src", np.random.default_rng(6), bad_label=True)
     msg = _convert_error(folder, tmp_path / "out")
     assert "data_batch_2" in msg and "index 3" in msg and "label 10" in msg
+
+
+def test_pickled_images_of_wrong_size(tmp_path):
+    folder, _ = make_batches_folder(tmp_path / "src", np.random.default_rng(15))
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({b"labels": [0, 1], b"data": np.zeros((2, 3000), np.uint8)}, f, protocol=2)
+    msg = _convert_error(folder, tmp_path / "out")
+    assert "test_batch" in msg and "3000" in msg
 
 
 def test_missing_batch(tmp_path):

@@ -285,6 +285,10 @@ def test_bad_arguments(random_beton, tmp_path):
         make_loader("dali", path, batch_size=8, train=True)
     with pytest.raises(UserError, match="convert"):
         make_loader("gpu", tmp_path / "none.beton", batch_size=8, train=True)
+    (tmp_path / "junk.beton").write_bytes(b"junk")
+    for kind in KINDS:
+        with pytest.raises(UserError, match="junk.beton"):
+            make_loader(kind, tmp_path / "junk.beton", batch_size=8, train=True)
     with pytest.raises(ValueError):
         AugConfig(pad_mode="edge")
     with pytest.raises(ValueError):

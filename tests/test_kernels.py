@@ -28,6 +28,8 @@ import kernels.batchnorm as impl
 from kernels import BatchNormReLU2d, bn_relu
 from kernels.reference import bn_relu_reference
 
+# CPU (interpreter) here; on a GPU machine the same tests run the compiled kernels.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {"fp32": 2e-5, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
 
@@ -35,6 +37,9 @@ TOL = {"fp32": 2e-5, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     assert impl.INTERPRET or torch.cuda.is_available(), "kernels must run, not be skipped"
+    if torch.cuda.is_available():   # TF32 convolutions would swamp the comparisons
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(impl, "POISON", True)
     monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {})
 
@@ -59,7 +64,7 @@ def make_inputs(shape, dtype, channels_last, residual, seed):
     dy = torch.randn(shape, generator=g).to(dtype)
     if channels_last:
         dy = dy.contiguous(memory_format=torch.channels_last)
-    return x, w, b, rm, rv, r, dy
+    return tuple(t.to(DEV) if t is not None else None for t in (x, w, b, rm, rv, r, dy))
 
 
 def close(actual, expected, tol, what):
@@ -144,10 +149,10 @@ def test_statistics_survive_cancellation():
     variance entirely, the blockwise mean/M2 merge must not."""
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(4, 3, 16, 16, generator=g) * 0.05 + 1000.0)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last).to(DEV)
     C = x.shape[1]
-    rm, rv = torch.zeros(C), torch.ones(C)
-    bn_relu(x, torch.ones(C), torch.zeros(C), rm, rv, True, momentum=1.0)
+    rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
+    bn_relu(x, torch.ones(C, device=DEV), torch.zeros(C, device=DEV), rm, rv, True, momentum=1.0)
     n = x.numel() // C
     true_var = x.double().var(dim=(0, 2, 3), unbiased=True)
     naive = ((x * x).mean(dim=(0, 2, 3)) - x.mean(dim=(0, 2, 3)) ** 2).double() * n / (n - 1)
@@ -165,9 +170,11 @@ def test_module_matches_batchnorm2d_relu():
         ref[0].weight.uniform_(0.5, 1.5)
         ref[0].bias.uniform_(-0.5, 0.5)
     mod = BatchNormReLU2d(6)
+    ref.to(DEV), mod.to(DEV)
     mod.load_state_dict({k.removeprefix("0."): v for k, v in ref.state_dict().items()})
     for step in range(2):
-        x = (torch.randn(3, 6, 5, 5) * 2 + 1).contiguous(memory_format=torch.channels_last)
+        x = (torch.randn(3, 6, 5, 5, device=DEV) * 2 + 1).contiguous(
+            memory_format=torch.channels_last)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = ref(xa), mod(xb)
         torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
@@ -183,7 +190,7 @@ def test_module_matches_batchnorm2d_relu():
     torch.testing.assert_close(mod.running_var, ref[0].running_var)
     assert mod.num_batches_tracked.item() == ref[0].num_batches_tracked.item() == 2
     ref.eval(), mod.eval()
-    x = torch.randn(2, 6, 3, 3)
+    x = torch.randn(2, 6, 3, 3, device=DEV)
     torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     assert mod.num_batches_tracked.item() == 2
 
@@ -191,9 +198,10 @@ def test_module_matches_batchnorm2d_relu():
 def test_module_cumulative_momentum():
     """momentum=None: cumulative average of the batch statistics, as nn.BatchNorm2d."""
     torch.manual_seed(1)
-    ref, mod = nn.BatchNorm2d(4, momentum=None), BatchNormReLU2d(4, momentum=None, relu=False)
+    ref = nn.BatchNorm2d(4, momentum=None).to(DEV)
+    mod = BatchNormReLU2d(4, momentum=None, relu=False).to(DEV)
     for _ in range(3):
-        x = torch.randn(2, 4, 3, 3) * 3 + 2
+        x = torch.randn(2, 4, 3, 3, device=DEV) * 3 + 2
         torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mod.running_var, ref.running_var)
     torch.testing.assert_close(mod.running_mean, ref.running_mean)
@@ -218,8 +226,8 @@ def test_state_dict_interop():
         assert torch.equal(v, sd["0." + k])
     back = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
     back.load_state_dict({"0." + k: v for k, v in mod.state_dict().items()}, strict=True)
-    seq.eval(), mod.eval(), back.eval()
-    x = torch.randn(2, 5, 4, 4)
+    seq.eval().to(DEV), mod.eval().to(DEV), back.eval().to(DEV)
+    x = torch.randn(2, 5, 4, 4, device=DEV)
     torch.testing.assert_close(mod(x), seq(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(back(x), seq(x))
 
@@ -228,11 +236,12 @@ def test_strided_input_and_mixed_residual():
     """A non-dense input (a slice) is copied to a dense layout; an fp32 residual with an fp16
     input is cast, and its gradient comes back in fp32."""
     g = torch.Generator().manual_seed(3)
-    big = torch.randn(3, 8, 6, 6, generator=g) + 2
+    big = torch.randn(3, 8, 6, 6, generator=g).to(DEV) + 2
     x = big[:, 2:7].half().requires_grad_()            # 5 channels, not dense
-    r = torch.randn(3, 5, 6, 6, generator=g).requires_grad_()
-    w, b = torch.ones(5, requires_grad=True), torch.zeros(5, requires_grad=True)
-    y = bn_relu(x, w, b, torch.zeros(5), torch.ones(5), True, residual=r)
+    r = torch.randn(3, 5, 6, 6, generator=g).to(DEV).requires_grad_()
+    w = torch.ones(5, device=DEV, requires_grad=True)
+    b = torch.zeros(5, device=DEV, requires_grad=True)
+    y = bn_relu(x, w, b, torch.zeros(5, device=DEV), torch.ones(5, device=DEV), True, residual=r)
     y.float().square().sum().backward()
     xr, rr = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
     yr = bn_relu_reference(xr, w.detach().double(), b.detach().double(), None, None, True,
@@ -246,19 +255,24 @@ def test_strided_input_and_mixed_residual():
 
 
 def test_bad_inputs():
-    w, b, rm, rv = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
+    def t(*shape, fill=None):
+        if fill is None:
+            return torch.randn(*shape, device=DEV)
+        return torch.full(shape, fill, device=DEV)
+
+    w, b, rm, rv = t(4, fill=1.0), t(4, fill=0.0), t(4, fill=0.0), t(4, fill=1.0)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
-        bn_relu(torch.randn(1, 4, 1, 1), w, b, rm, rv, True)
+        bn_relu(t(1, 4, 1, 1), w, b, rm, rv, True)
     with pytest.raises(ValueError, match="4-D"):
-        bn_relu(torch.randn(2, 4, 3), w, b, rm, rv, True)
+        bn_relu(t(2, 4, 3), w, b, rm, rv, True)
     with pytest.raises(ValueError, match="weight must have shape"):
-        bn_relu(torch.randn(2, 4, 3, 3), torch.ones(3), b, rm, rv, True)
+        bn_relu(t(2, 4, 3, 3), t(3), b, rm, rv, True)
     with pytest.raises(ValueError, match="residual shape"):
-        bn_relu(torch.randn(2, 4, 3, 3), w, b, rm, rv, True, residual=torch.randn(2, 4, 3, 2))
+        bn_relu(t(2, 4, 3, 3), w, b, rm, rv, True, residual=t(2, 4, 3, 2))
     with pytest.raises(ValueError, match="eval mode needs"):
-        bn_relu(torch.randn(2, 4, 3, 3), w, b, None, None, False)
+        bn_relu(t(2, 4, 3, 3), w, b, None, None, False)
     # eval with a single value per channel is fine, as in torch
-    y = bn_relu(torch.randn(1, 4, 1, 1), w, b, rm, rv, False)
+    y = bn_relu(t(1, 4, 1, 1), w, b, rm, rv, False)
     assert torch.isfinite(y).all()
 
 
@@ -280,10 +294,10 @@ def test_torch_compile_fullgraph():
             return self.bn2(self.conv2(h), residual=h).mean(dim=(2, 3))
 
     torch.manual_seed(0)
-    eager = Net().to(memory_format=torch.channels_last)
+    eager = Net().to(DEV, memory_format=torch.channels_last)
     compiled_net = copy.deepcopy(eager)
     compiled = torch.compile(compiled_net, fullgraph=True)
-    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 8, 8, device=DEV).contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         out_e, out_c = eager(x), compiled(x)
         torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)

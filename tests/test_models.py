@@ -135,8 +135,14 @@ def test_param_count_exact(name):
 
 
 def test_every_report_model_is_counted():
-    report_models = {i.name for i in list_models() if i.report}
-    assert report_models == set(EXPECTED)
+    infos = {i.name: i for i in list_models() if i.report}
+    assert set(infos) == set(EXPECTED)
+    for i in infos.values():
+        assert re.fullmatch(r"00[0-4]_[0-9a-f]{16}\.txt", i.report) and i.title
+        assert i.recipe.tag == "report" and i.recipe.sources
+    assert {i.report for i in infos.values()} == {"000_29b2964ca4a6d86d.txt", "001_d2e037756061fb24.txt",
+                                                 "002_93fe5a1e91242796.txt", "003_fc50290cd2998d11.txt",
+                                                 "004_9a17163d1e54e00e.txt"}
 
 
 def test_stage3_kernel_is_shared():
@@ -149,7 +155,7 @@ def test_stage3_kernel_is_shared():
     assert all(w is weights[0] for w in weights)
     # one step keeps them one tensor: the shared kernel sums the gradients of all its uses
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
     opt.step()
     assert all(w is weights[0] for w in weights)
     assert count_params(model) == 3_116_378

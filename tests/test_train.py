@@ -180,6 +180,21 @@ def test_cli_train_runs_and_sets_fields(data, tmp_path):
     assert "test accuracy" in result.output
 
 
+def test_config_file_then_overrides(data, tmp_path):
+    conf = tmp_path / "recipe.json"
+    conf.write_text(json.dumps({"optimizer": "adam", "lr": 0.003, "epochs": 2, "cutout": 8}))
+    cfg = small_config(data, tmp_path / "run", max_steps=1, config_file=str(conf))
+    cfg.overrides = {"lr": "0.001", "batch_size": 64}   # the command line wins over the file
+    train(cfg)
+    recipe = json.loads((tmp_path / "run" / "config.json").read_text())["recipe"]
+    assert (recipe["optimizer"], recipe["lr"], recipe["epochs"], recipe["cutout"]) == ("adam", 0.001, 2, 8)
+    with pytest.raises(UserError, match="batch size 1024 is larger than the training set"):
+        cfg.overrides, cfg.out = {}, str(tmp_path / "r1")
+        train(cfg)
+    with pytest.raises(UserError, match="no config file"):
+        train(small_config(data, tmp_path / "r2", config_file=str(tmp_path / "missing.json")))
+
+
 def test_report_zoo_model_takes_a_step(data, tmp_path):
     """A full-size report model through the real path: one step, batch 8."""
     s = train(TrainConfig(model="resnet_2111", recipe_tag="report", data=str(data), out=str(tmp_path / "r"),

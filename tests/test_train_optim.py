@@ -205,3 +205,10 @@ def test_full_epoch_with_tta_and_ema_evaluates(data, tmp_path):
     s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=1, ema=0.5, tta="flip")))
     assert s["status"] == "completed" and 0 <= s["final_acc"] <= 1
     assert math.isfinite(s["final_test_loss"])
+
+
+def test_ffcv_loader_path_runs(data, tmp_path):
+    from fastcifar.train import train
+
+    s = train(small_config(data, tmp_path / "run", loader="ffcv", num_workers=1, max_steps=2))
+    assert s["loader"] == "ffcv" and s["steps"] == 2
