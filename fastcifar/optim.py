@@ -176,8 +176,10 @@ class ModelPerturbation:
       4. ``restore()`` puts w back; the optimizer then steps with the gradient from 3.
 
     The ball is per parameter tensor (per layer): each tensor's perturbation has norm at most
-    epsilon, as in the authors' implementation, so a large layer cannot take the whole budget.
-    Gradient scaling (fp16) cancels in g / ||g||; a tensor whose gradient overflowed is left
+    epsilon, as in the authors' released code, so a large layer cannot take the whole budget.
+    Each ascent step has length inner_lr whatever the gradient's scale (g / ||g|| per tensor);
+    the released code steps by inner_lr * g instead, so its inner_lr values do not carry over.
+    fp16 loss scaling cancels in g / ||g||; a tensor whose gradient overflowed is left
     unperturbed for that iteration. ``buffers`` (BatchNorm running statistics) are restored too:
     only the forward pass at the real weights should update them.
     """

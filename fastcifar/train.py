@@ -17,7 +17,8 @@ Design points, each for a reason:
   (pure training) is all training-step time minus that estimate. Evaluation (its first pass,
   which compiles the eval graph, estimated the same way against the later ones), checkpoint
   writing and set-up (imports, data loading, model building) are timed apart, and
-  wall_s = setup_s + train_s + compile_warmup_s + eval_s + checkpoint_s + other_s.
+  wall_s = setup_s + train_s + compile_warmup_s + eval_s + checkpoint_s + other_s
+  (eval_s includes eval_warmup_s, the first evaluation's extra time).
   time_to_target.train_s counts training steps only (no evaluation, no compilation), the
   speedrun convention; time_to_target.wall_s counts everything since the process started.
 - Signals: SIGINT/SIGTERM finish the current step (with several processes: the steps up to the
@@ -172,9 +173,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
 
     # --- run state (all of it goes into the checkpoint) --------------------------------------
     state = dict(epoch=0, batch=0, step=0, epoch_time_s=0.0, history=[], best_acc=None, best_epoch=None,
-                 partial=None, times=dict(train_total_s=0.0, warmup_s=0.0, warmup_steps=0,
-                                          eval_s=0.0, eval_warmup_s=0.0, checkpoint_s=0.0,
-                                          setup_s=0.0, wall_s=0.0),
+                 partial=None, times=dict(train_total_s=0.0, warmup_s=0.0, eval_s=0.0, eval_warmup_s=0.0,
+                                          checkpoint_s=0.0, setup_s=0.0, wall_s=0.0),
                  target_reached=None, sessions=0)
     if ckpt:
         raw.load_state_dict(ckpt["model"])
@@ -186,7 +186,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
         if ema:
             ema.load_state_dict(ckpt["ema"])
         state.update(ckpt["state"])
-    session_times = dict(train_s=0.0, steps=0, warmup_s=None, warmup_steps=0, evals=[])
+    session_times = dict(train_s=0.0, steps=0, warmup_s=None, warmup_partial_s=0.0, warmup_steps=0, evals=[])
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run drops any line logged after its checkpoint was written
@@ -363,7 +363,7 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
     outcome = "done"
     _sync(device)
     t0 = time.perf_counter()
-    warm_t0 = t0 if times["warmup_s"] is None else None
+    warming = times["warmup_s"] is None  # the first WARMUP_STEPS steps may span epochs
     for i, (images, labels) in enumerate(loader):
         if i < skip:
             continue  # resuming mid-epoch: the loader replays the same order; skip what was done
@@ -375,10 +375,10 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
         state["batch"] = i + 1
         times["steps"] += 1
         bar.update(1)
-        if warm_t0 is not None and times["steps"] == WARMUP_STEPS:
+        if warming and times["steps"] == WARMUP_STEPS:
             _sync(device)
-            times["warmup_s"], times["warmup_steps"] = time.perf_counter() - warm_t0, WARMUP_STEPS
-            warm_t0 = None
+            times["warmup_s"] = times["warmup_partial_s"] + time.perf_counter() - t0
+            times["warmup_steps"], warming = WARMUP_STEPS, False
         max_hit = cfg.max_steps is not None and state["step"] >= cfg.max_steps
         # one process answers a signal after the current step; several agree on it at a sync
         signalled = stop.signum is not None and not info.enabled
@@ -404,6 +404,8 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
     _sync(device)
     elapsed = time.perf_counter() - t0
     times["train_s"] += elapsed
+    if warming:
+        times["warmup_partial_s"] += elapsed
     state["epoch_time_s"] += elapsed
     dist.all_reduce(sums, info)
     loss_sum, correct, seen = sums.tolist()
@@ -539,7 +541,7 @@ def _close_times(state: dict, s: dict, wall0: float) -> dict:
     t["eval_s"] += sum(evals)
     t["eval_warmup_s"] += eval_warm
     t["wall_s"] += time.perf_counter() - wall0
-    s.update(train_s=0.0, steps=0, warmup_s=None, evals=[])  # folded in: never count twice
+    s.update(train_s=0.0, steps=0, warmup_s=None, warmup_partial_s=0.0, evals=[])  # folded in: never count twice
     return {"wall_s": t["wall_s"],
             "train_s": t["train_total_s"] - t["warmup_s"],
             "compile_warmup_s": t["warmup_s"],

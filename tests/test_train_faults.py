@@ -52,6 +52,32 @@ def test_sigterm_saves_a_checkpoint_and_resumes(data, tmp_path):
     assert [r["epoch"] for r in lines] == list(range(1, len(lines) + 1))  # no gaps, no repeats
 
 
+def test_sigint_stops_after_the_current_step(data, tmp_path, monkeypatch):
+    """Ctrl-C during step 15 (mid-epoch 2): that step finishes, a checkpoint records the position."""
+    import fastcifar.models as zoo
+
+    real = zoo.create_model
+    calls = {"n": 0}
+
+    def interrupting(name, **kw):
+        model = real(name, **kw)
+
+        def hook(module, args):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 15:
+                    os.kill(os.getpid(), signal.SIGINT)
+        model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(zoo, "create_model", interrupting)
+    s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=4)))
+    assert s["signal"] == signal.SIGINT and s["status"] == "interrupted" and s["steps"] == 15
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert (ckpt["state"]["epoch"], ckpt["state"]["batch"], ckpt["state"]["step"]) == (1, 5, 15)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handler given back
+
+
 def test_diverging_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
     """Logits turn NaN in the third epoch: a clear error, the epoch-2 checkpoint kept intact."""
     import fastcifar.models as zoo
