@@ -11,12 +11,24 @@ from fastcifar.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     help="Train the CIFAR-10 ResNets of five student reports in minutes on one GPU.\n\n"
          "Start with `fastcifar convert`, then `fastcifar train --model resnet_2111`.",
 )
 
 DEFAULT_DATA = Path("beton_data/cifar10")
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """Repeated `FLAG KEY=VALUE` options as a dict (later ones win)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{flag} wants KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
 
 
 @app.command()
@@ -83,7 +95,7 @@ def leaderboard(
     run(results=results, out=out, plot=plot, as_json=as_json)
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 def train(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo model to train (see `fastcifar models`). Not needed with --resume."),
     recipe: str = typer.Option("fast", "--recipe", help="Start from the model's `report` recipe (as its report wrote it) or the tuned `fast` one."),
@@ -98,15 +110,15 @@ def train(
                                         "(repeatable; `fastcifar models --recipe NAME` lists the fields)."),
     model_opt: list[str] = typer.Option([], "--model-opt", metavar="KEY=VALUE",
                                         help="Model builder option, e.g. --model-opt num_classes=100 (repeatable; JSON values)."),
-    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton [default: {DEFAULT_DATA}]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<model>-<timestamp>]."),
+    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA})."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>-<timestamp>)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda, cuda:N or cpu."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: on for GPU, off for CPU]."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on for GPU, off for CPU)."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, ..."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 (autocast + GradScaler) | bf16 | fp32 [default: fp16 on GPU, fp32 on CPU]."),
-    bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="BatchNorm+ReLU: eager | compiled | triton [default: compiled when compiling on GPU, else eager]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 (autocast + GradScaler) | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU)."),
+    bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="BatchNorm+ReLU: eager | compiled | triton (default: compiled when compiling on GPU, else eager)."),
     loader: str = typer.Option("gpu", "--loader", help="gpu (data in device memory, torch augmentation) or ffcv (CPU worker threads)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="FFCV loader threads [default: all CPUs]."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="FFCV loader threads (default: all CPUs)."),
     seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
     eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N epochs (the last epoch always is)."),
     target: Optional[float] = typer.Option(None, "--target", metavar="ACC", help="Stop as soon as test accuracy reaches ACC (0.94 or 94) and record the time to it."),
@@ -130,20 +142,13 @@ def train(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("tta", tta), ("ema", ema)):
         if value is not None:
             overrides[name] = value
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set wants FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = value
+    overrides.update(_pairs(set_, "--set"))
     options = {}
-    for item in model_opt:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--model-opt wants KEY=VALUE, got {item!r}")
+    for key, value in _pairs(model_opt, "--model-opt").items():
         try:
-            options[key.strip()] = _json.loads(value)
+            options[key] = _json.loads(value)
         except ValueError:
-            options[key.strip()] = value
+            options[key] = value
     cfg = TrainConfig(model=model, recipe_tag=recipe, overrides=overrides,
                       config_file=str(config) if config else None, model_options=options,
                       data=str(data) if data else None, out=str(out) if out else None, device=device,
@@ -165,12 +170,12 @@ def train(
         raise typer.Exit(128 + int(summary["signal"]))
 
 
-@app.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@app.command("eval")
 def eval_(
     path: Path = typer.Argument(..., metavar="RUN_DIR|CHECKPOINT", help="A run folder (its last.pt is used) or a .pt checkpoint."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Folder whose test.beton to use [default: the one the run trained on]."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder whose test.beton to use (default: the one the run trained on)."),
     beton: Optional[Path] = typer.Option(None, "--beton", help="Any .beton file to evaluate on (instead of --data)."),
-    tta: Optional[str] = typer.Option(None, "--tta", help="none | flip | flip_translate [default: the run's recipe]."),
+    tta: Optional[str] = typer.Option(None, "--tta", help="none | flip | flip_translate (default: the run's recipe)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     batch_size: int = typer.Option(1000, "--batch-size", "-b", help="Evaluation batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -215,12 +220,7 @@ def speedrun(
     """
     from fastcifar.speedrun import speedrun as run
 
-    overrides = {}
-    for item in set_:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set wants FIELD=VALUE, got {item!r}")
-        overrides[key.strip()] = value
+    overrides = _pairs(set_, "--set")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
         overrides=overrides, original_npz=original_npz, loader=loader, bn_backend=bn_backend)
 

@@ -27,7 +27,8 @@ class ModelInfo:
     title: str                         # the report's title
     published_params: Optional[int]    # trainable parameters as the report prints them; None if not printed
     published_acc: Optional[float]     # test accuracy in percent as the report gives it; None if not given
-    recipe: Recipe                     # the report's own recipe (tag "report")
+    recipe: Recipe                     # the report's own recipe (tag "report"); a model with no
+                                       # report shows its fast recipe here
     params: int                        # trainable parameters of the model as built here
     notes: str = ""
     published_acc_text: Optional[str] = None  # the accuracy as printed where it is a range, e.g. "90-91"
@@ -37,22 +38,27 @@ _REGISTRY: dict[str, dict] = {}
 
 
 def register(name: str, *, report: str, title: str, published_params: int | None,
-             published_acc: float | None, recipe: Recipe, notes: str = "",
+             published_acc: float | None, recipe: Recipe | None, notes: str = "",
              published_acc_text: str | None = None, fast: Recipe | None = None):
     """Decorator registering a builder ``fn(**options) -> nn.Module`` under ``name``.
 
+    ``recipe`` is the report's own recipe, tagged "report"; a model of this project's own design
+    has no report (``report=""``) and no report recipe (``recipe=None``), only a fast one.
     ``fast`` overrides the zoo-wide fast recipe for this model (see ``fast_recipe``).
     """
-    if recipe.tag != "report":
-        raise ValueError(f"{name}: the registered recipe must be tagged 'report', not {recipe.tag!r}")
+    if report and (recipe is None or recipe.tag != "report"):
+        raise ValueError(f"{name}: a model from a report needs that report's recipe, tagged 'report'")
+    if not report and recipe is not None:
+        raise ValueError(f"{name}: a model with no report has no report recipe; pass recipe=None")
+    fast = fast or fast_recipe()
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = dict(name=name, builder=fn, report=report, title=title,
                                published_params=published_params, published_acc=published_acc,
-                               recipe=recipe, notes=notes, published_acc_text=published_acc_text,
-                               fast=fast or fast_recipe())
+                               recipe=recipe or fast, notes=notes,
+                               published_acc_text=published_acc_text, fast=fast)
         return fn
 
     return deco
@@ -125,6 +131,8 @@ def model_names() -> list[str]:
 def get_recipe(name: str, tag: str = "report") -> Recipe:
     """The model's ``report`` recipe (as its report wrote it) or its ``fast`` recipe; a copy."""
     e = _entry(name)
+    if tag == "report" and not e["report"]:
+        raise UserError(f"{name} is this project's own design and has no report recipe; use --recipe fast")
     if tag == "report":
         return dataclasses.replace(e["recipe"], sources=dict(e["recipe"].sources))
     if tag == "fast":
