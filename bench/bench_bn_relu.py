@@ -37,7 +37,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import triton.testing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fastcifar.machine import device_name, versions  # noqa: E402
 from kernels import bn_relu  # noqa: E402
 
 # Used only when the model zoo cannot be imported: (C, H, W, residual, relu) -> number of
@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
         picked += [s for s in shapes if s[3] and s[4]][:1] + [s for s in shapes if not s[4]][:1]
         shapes = {(C, min(H, 2), min(W, 2), r, a): shapes[(C, H, W, r, a)]
                   for C, H, W, r, a in dict.fromkeys(picked)}
-    name = torch.cuda.get_device_name(device) if HAVE_CUDA else platform.processor() or "cpu"
+    name = device_name(device)
     out_path = args.out or (Path(tempfile.gettempdir()) / "bn_relu_dry-run.json" if args.dry_run
                             else ROOT / "bench" / "results" / f"bn_relu_{gpu_slug(name)}.json")
 
@@ -331,8 +331,7 @@ def main(argv=None) -> dict:
     result = {
         "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
         "memory_format": "channels_last", "batch": batch,
-        "versions": {"torch": torch.__version__, "triton": triton.__version__,
-                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "versions": versions(),
         "shape_source": source, "copy_GBps": copy_gbps,
         "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
                        "E = N*C*H*W*itemsize",

@@ -9,12 +9,10 @@ message when the source archive is absent.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,12 +35,8 @@ def main():
         print(f"skipped: {args.source} not found (pass --source a CIFAR-10 image-folder .tar.gz)")
         return
 
-    import numba
-    import numpy as np
-    import PIL
-    import torch
-
     from beton_data.convert import convert
+    from fastcifar.machine import machine_info
 
     times, manifest = [], None
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,13 +53,7 @@ def main():
         "images": {s: v["count"] for s, v in manifest["splits"].items()},
         "wall_s": [round(t, 2) for t in times], "wall_s_median": round(statistics.median(times), 2),
         "goal_s": 60,
-        "machine": {
-            "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "cpu_model": _cpu_model(), "load_average_1_5_15": os.getloadavg(),
-            "numpy": np.__version__, "pillow": PIL.__version__, "ffcv": importlib.metadata.version("ffcv"),
-            "numba": numba.__version__, "torch": torch.__version__,
-        },
+        "machine": machine_info(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,16 +61,6 @@ def main():
     tmp_out.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp_out, args.out)
     print(f"median {report['wall_s_median']} s (goal <= 60 s); wrote {args.out}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

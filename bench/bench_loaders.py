@@ -14,10 +14,8 @@ On a CUDA machine the GPU loader's goal is >= 1,000,000 images/s.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -33,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from beton_data import read_beton, write_beton  # noqa: E402
 from beton_data.augment import AugConfig, augment_numpy, normalize  # noqa: E402
 from beton_data.loaders import epoch_order, make_loader  # noqa: E402
+from fastcifar.machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,30 +86,6 @@ def time_epochs(loader, epochs: int, device) -> dict:
     rates = [n / t for n, t in runs]
     return {"images_per_epoch": n, "warmup_s": round(warm, 3), "epoch_s": [round(t, 4) for _, t in runs],
             "images_per_s_median": round(statistics.median(rates)), "images_per_s_all": [round(r) for r in rates]}
-
-
-def machine_info(device) -> dict:
-    import numba
-    info = {
-        "platform": platform.platform(), "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(), "load_average_1_5_15": os.getloadavg(),
-        "torch": torch.__version__, "ffcv": importlib.metadata.version("ffcv"),
-        "numba": numba.__version__, "numpy": np.__version__, "device": str(device),
-    }
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def device_kind(device) -> str:

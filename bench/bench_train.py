@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     import fastcifar.models as zoo
     from fastcifar.checkpoint import atomic_write_text
     from fastcifar.speedrun import device_slug
-    from fastcifar.train import _device_name, _versions
+    from fastcifar.machine import device_name, versions
 
     with contextlib.ExitStack() as stack:
         if args.dry_run:
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
         # with static shapes and none hits the recompile limit.
         t_start = time.perf_counter()
         result = {
-            "kind": "bench_train", "device": _device_name(device), "versions": _versions(),
+            "kind": "bench_train", "device": device_name(device), "versions": versions(),
             "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_train.py", *argv]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},

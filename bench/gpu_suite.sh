@@ -71,17 +71,11 @@ stage_env() {
   say "environment"
   nvidia-smi || say "nvidia-smi failed"
   $PY - "$OUT/env.json" <<'EOF'
-import json, platform, subprocess, sys
-from importlib import metadata
-import torch
-info = {"python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-for pkg in ("triton", "numba", "numpy", "ffcv", "airbench", "torchvision", "opencv-python-headless"):
-    try:
-        info[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-        info[pkg] = None
+import json, subprocess, sys
+from fastcifar.machine import machine_info, package_version
+info = machine_info()
+for pkg in ("torchvision", "opencv-python-headless"):   # the baseline's extra dependencies
+    info["versions"][pkg] = package_version(pkg)
 try:
     import ffcv, ffcv.loader  # noqa: F401  (the compiled helper and its shared libraries)
     info["ffcv_import"] = "ok"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from fastcifar.errors import UserError
+from fastcifar.machine import package_version
 
 NAME = "airbench94"
 VERSION = "0.1.8"
@@ -192,9 +193,8 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
 
     from fastcifar.checkpoint import atomic_write_text
     from fastcifar.leaderboard import data_name, now_iso
-    from fastcifar.speedrun import _aggregate, _command_line, _versions
-    from fastcifar.train import _device_name
-    from fastcifar.train import _versions as train_versions
+    from fastcifar.machine import device_name, machine_info, versions
+    from fastcifar.speedrun import _aggregate, _command_line
 
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
@@ -204,9 +204,9 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
                                                   f"in {r['time_s']:.2f} s"))
     agg = _aggregate(results)
     result = {"kind": "airbench_calibration", "name": NAME, "package": f"airbench=={VERSION}",
-              "device": _device_name(torch.device(device)), "data": data_name(Path(data_dir)),
+              "device": device_name(device), "data": data_name(Path(data_dir)),
               "data_dir": str(data_dir), "command": _command_line(), "date": now_iso(),
-              "versions": _versions(train_versions()), "published_acc": PUBLISHED_ACC,
+              "versions": versions(), "machine": machine_info(device), "published_acc": PUBLISHED_ACC,
               "runs": results, **agg, "gap_to_published": PUBLISHED_ACC - agg["accuracy_mean"]}
     print(f"{NAME} on {result['data']}: {100 * agg['accuracy_mean']:.2f}% mean over {runs} runs "
           f"(published {100 * PUBLISHED_ACC:.2f}% on the original CIFAR-10): gap "
@@ -221,16 +221,6 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def package_version(name: str) -> Optional[str]:
-    """The installed version of distribution ``name``, or None."""
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

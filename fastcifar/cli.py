@@ -20,13 +20,13 @@ app = typer.Typer(
 DEFAULT_DATA = Path("beton_data/cifar10")
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
+def _pairs(items: list[str], flag: str, form: str = "KEY=VALUE") -> dict[str, str]:
     """Repeated `FLAG KEY=VALUE` options as a dict (later ones win)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UserError(f"{flag} wants KEY=VALUE, got {item!r}")
+            raise UserError(f"{flag} wants {form}, got {item!r}")
         out[key.strip()] = value
     return out
 
@@ -142,7 +142,7 @@ def train(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("tta", tta), ("ema", ema)):
         if value is not None:
             overrides[name] = value
-    overrides.update(_pairs(set_, "--set"))
+    overrides.update(_pairs(set_, "--set", "FIELD=VALUE"))
     options = {}
     for key, value in _pairs(model_opt, "--model-opt").items():
         try:
@@ -220,7 +220,7 @@ def speedrun(
     """
     from fastcifar.speedrun import speedrun as run
 
-    overrides = _pairs(set_, "--set")
+    overrides = _pairs(set_, "--set", "FIELD=VALUE")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
         overrides=overrides, original_npz=original_npz, loader=loader, bn_backend=bn_backend)
 

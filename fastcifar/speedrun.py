@@ -20,7 +20,6 @@ baseline's) beside it, which accumulate over invocations.
 from __future__ import annotations
 
 import json
-import platform
 import re
 import shlex
 import sys
@@ -35,6 +34,7 @@ import torch
 from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
 from fastcifar.leaderboard import add_entry, data_name, format_pm, mean_std, now_iso
+from fastcifar.machine import machine_info
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -101,7 +101,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
             f"(compile/warm-up {warm['compile_warmup_s']:.1f} s; untimed)")
         result["warmup"] = warm
         result["device"] = summary["device"]
-        result["versions"] = _versions(summary["versions"])
+        result["versions"] = summary["versions"]
+        result["machine"] = machine_info(device)
         result["params"] = summary["params"]
         result["precision"], result["bn_backend"], result["compile"] = (
             summary["precision"], summary["bn_backend"], summary["compile"])
@@ -244,15 +245,6 @@ def report_lines(result: dict) -> list[str]:
                      f"({result['model']} is {ratio if ratio >= 1 else 1 / ratio:.2f}x "
                      f"{'faster' if ratio >= 1 else 'slower'})")
     return lines
-
-
-def _versions(train_versions: dict) -> dict:
-    import fastcifar
-    from fastcifar.baseline import package_version
-
-    return {"fastcifar": fastcifar.__version__, **train_versions,
-            "cuda": torch.version.cuda, "airbench": package_version("airbench"),
-            "platform": platform.platform()}
 
 
 def _command_line() -> str:

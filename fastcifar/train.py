@@ -33,8 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import platform
 import random
 import signal
 import sys
@@ -52,6 +50,7 @@ from fastcifar import dist
 from fastcifar.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
 from fastcifar.evaluate import TTA_MODES, class_names, evaluate
+from fastcifar.machine import device_name, versions
 from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
                              clip_gradients, set_lr)
 from fastcifar.recipe import Recipe
@@ -553,24 +552,6 @@ def _close_times(state: dict, s: dict, wall0: float) -> dict:
             "other_s": t["wall_s"] - t["train_total_s"] - t["eval_s"] - t["checkpoint_s"] - t["setup_s"]}
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "triton", "ffcv", "numba", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def _summary(cfg, recipe, info, device, n_params, state, times, status, target, last_eval, names, run_dir) -> dict:
     reached = state["target_reached"]
     time_to_target = None
@@ -584,10 +565,10 @@ def _summary(cfg, recipe, info, device, n_params, state, times, status, target, 
         "final_accuracy_pct": 100 * last_eval["acc"] if last_eval else None,
         "train_time_s": times["train_s"], "wall_time_s": times["wall_s"],
         "recipe": recipe.to_dict(), "recipe_tag": cfg.recipe_tag, "status": status,
-        "run_dir": str(run_dir), "device": _device_name(device), "world_size": info.world_size,
+        "run_dir": str(run_dir), "device": device_name(device), "world_size": info.world_size,
         "precision": cfg.precision, "compile": cfg.compile, "compile_mode": cfg.compile_mode,
         "bn_backend": cfg.bn_backend, "loader": cfg.loader, "channels_last": cfg.channels_last,
-        "versions": _versions(), "seed": cfg.seed,
+        "versions": versions(), "seed": cfg.seed,
         "epochs_completed": state["epoch"], "steps": state["step"],
         "final_acc": last_eval["acc"] if last_eval else None,
         "final_test_loss": last_eval["loss"] if last_eval else None,

@@ -37,26 +37,44 @@ class BasicBlock(nn.Module):
         return self.bn2(self.conv2(out), residual=self.shortcut(x))
 
 
+def residual_stages(block, cin: int, widths, blocks, stage_options=None, **options):
+    """Stages of residual blocks, each built as ``block(cin, width, stride=..., **options)``.
+
+    Stage i holds ``blocks[i]`` blocks of output width ``widths[i]``; the first stage keeps the
+    resolution, every later stage halves it in its first block. ``stage_options(i)``, called as
+    stage i starts, adds keyword arguments for that stage's blocks (e.g. a kernel they share).
+    Returns the stages as one nn.Sequential and the number of channels they output.
+    """
+    stages = []
+    for i, (width, n) in enumerate(zip(widths, blocks)):
+        kw = {**options, **(stage_options(i) if stage_options else {})}
+        layers = []
+        for j in range(n):
+            layers.append(block(cin, width, stride=2 if i > 0 and j == 0 else 1, **kw))
+            cin = width
+        stages.append(nn.Sequential(*layers))
+    return nn.Sequential(*stages), cin
+
+
 class ResNet(nn.Module):
-    """stem conv3x3 (3 -> stem) + BN-ReLU, then ``post_stem``, stages of ``block``, global pool, linear."""
+    """stem conv (3 -> stem) + BN-ReLU, then ``post_stem``, stages of ``block``, global pool, linear.
+
+    All four report families (this file, resnet_dropout, se_resnet, resnext) are this skeleton and
+    differ only in the block (``block_options`` go to every block, ``stage_options`` as in
+    ``residual_stages``), the stem's width and kernel size, and ``post_stem``.
+    """
 
     def __init__(self, widths, blocks, stem: int | None = None, block=BasicBlock,
-                 post_stem: nn.Module | None = None, num_classes: int = 10):
+                 post_stem: nn.Module | None = None, num_classes: int = 10, *, stem_kernel: int = 3,
+                 stage_options=None, **block_options):
         super().__init__()
         stem = stem or widths[0]
-        self.conv1 = conv3x3(3, stem)
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=stem_kernel, padding=stem_kernel // 2, bias=False)
         self.bn1 = NormAct(stem)
         self.post_stem = post_stem or nn.Identity()
-        cin, stages = stem, []
-        for i, (width, n) in enumerate(zip(widths, blocks)):
-            layers = []
-            for j in range(n):
-                layers.append(block(cin, width, stride=2 if i > 0 and j == 0 else 1))
-                cin = width
-            stages.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*stages)
+        self.layers, cout = residual_stages(block, stem, widths, blocks, stage_options, **block_options)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
+        self.linear = nn.Linear(cout, num_classes)
 
     def forward(self, x):
         out = self.post_stem(self.bn1(self.conv1(x)))

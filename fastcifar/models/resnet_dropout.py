@@ -5,7 +5,7 @@ from torch import nn
 
 from fastcifar.models.norm import NormAct
 from fastcifar.models.registry import register
-from fastcifar.models.resnet import conv3x3
+from fastcifar.models.resnet import ResNet, conv3x3
 from fastcifar.recipe import Recipe
 
 
@@ -35,28 +35,6 @@ class DropoutBlock(nn.Module):
         h = self.bn1(self.conv1(x))
         skip = x if self.shortcut is None else self.shortcut(h)
         return self.bn2(self.conv2(self.drop(h)), residual=skip)
-
-
-class DropoutResNet(nn.Module):
-    def __init__(self, widths=(64, 128, 256), blocks=(3, 5, 3), stem: int = 16, dropout: float = 0.3,
-                 num_classes: int = 10):
-        super().__init__()
-        self.conv1 = conv3x3(3, stem)
-        self.bn1 = NormAct(stem)
-        cin, stages = stem, []
-        for i, (width, n) in enumerate(zip(widths, blocks)):
-            layers = []
-            for j in range(n):
-                layers.append(DropoutBlock(cin, width, stride=2 if i > 0 and j == 0 else 1, dropout=dropout))
-                cin = width
-            stages.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        out = self.layers(self.bn1(self.conv1(x)))
-        return self.linear(self.pool(out).flatten(1))
 
 
 _R002 = "002_93fe5a1e91242796.txt"
@@ -113,5 +91,5 @@ def resnet_353_dropout(dropout: float = 0.3, num_classes: int = 10) -> nn.Module
     The report does not give the dropout rate; the default 0.3 is the rate of the Wide Residual
     Networks it cites ([2]), which place dropout between the two convs of a block as here.
     """
-    return DropoutResNet(widths=(64, 128, 256), blocks=(3, 5, 3), stem=16, dropout=dropout,
-                         num_classes=num_classes)
+    return ResNet(widths=(64, 128, 256), blocks=(3, 5, 3), stem=16, block=DropoutBlock, dropout=dropout,
+                  num_classes=num_classes)

@@ -5,18 +5,19 @@ from torch import nn
 
 from fastcifar.models.norm import NormAct
 from fastcifar.models.registry import register
-from fastcifar.models.resnet import projection
+from fastcifar.models.resnet import ResNet, projection
 from fastcifar.recipe import Recipe
 
 
 class ResNeXtBlock(nn.Module):
-    """1x1 reduce - 3x3 grouped conv (``cardinality`` groups) - 1x1 expand to 2x, + shortcut, ReLU."""
+    """1x1 reduce to the bottleneck (``cout / 2``) - 3x3 grouped conv (``cardinality`` groups) -
+    1x1 expand to ``cout``, + shortcut, ReLU."""
 
     expansion = 2
 
-    def __init__(self, cin: int, group_width: int, cardinality: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, cardinality: int = 32):
         super().__init__()
-        cout = self.expansion * group_width
+        group_width = cout // self.expansion
         self.conv1 = nn.Conv2d(cin, group_width, kernel_size=1, bias=False)
         self.bn1 = NormAct(group_width)
         self.conv2 = nn.Conv2d(group_width, group_width, kernel_size=3, stride=stride, padding=1,
@@ -31,27 +32,15 @@ class ResNeXtBlock(nn.Module):
         return self.bn3(self.conv3(out), residual=self.shortcut(x))
 
 
-class ResNeXt(nn.Module):
+class ResNeXt(ResNet):
+    """1x1 stem, stages of ResNeXtBlocks, global pool, linear."""
+
     def __init__(self, blocks=(3, 3, 3), cardinality: int = 32, bottleneck_width: int = 4, stem: int = 32,
                  num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, stem, kernel_size=1, bias=False)
-        self.bn1 = NormAct(stem)
-        cin, stages = stem, []
-        for i, n in enumerate(blocks):
-            group_width = cardinality * bottleneck_width * 2 ** i  # the bottleneck doubles per stage
-            layers = []
-            for j in range(n):
-                layers.append(ResNeXtBlock(cin, group_width, cardinality, stride=2 if i > 0 and j == 0 else 1))
-                cin = ResNeXtBlock.expansion * group_width
-            stages.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
-
-    def forward(self, x):
-        out = self.layers(self.bn1(self.conv1(x)))
-        return self.linear(self.pool(out).flatten(1))
+        # The bottleneck (cardinality x bottleneck_width) doubles per stage; a block outputs twice it.
+        widths = [ResNeXtBlock.expansion * cardinality * bottleneck_width * 2 ** i for i in range(len(blocks))]
+        super().__init__(widths, blocks, stem=stem, stem_kernel=1, block=ResNeXtBlock,
+                         cardinality=cardinality, num_classes=num_classes)
 
 
 _R003_AMP = ('"The AMP optimizer has been configured with a learning rate of 0.1, an epsilon value of 0.5, '

@@ -114,29 +114,18 @@ class SEBasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class DenseSEResNet(nn.Module):
+class DenseSEResNet(ResNet):
     """CIFAR SE-ResNet: 16-channel stem, three stages of SE BasicBlocks, global pool, linear."""
 
     def __init__(self, widths=(64, 128, 256), blocks=6, share=(False, False, True), stem: int = 16,
                  num_classes: int = 10):
-        super().__init__()
-        self.conv1 = conv3x3(3, stem)
-        self.bn1 = NormAct(stem)
-        cin, stages = stem, []
-        for i, (width, shared) in enumerate(zip(widths, share)):
-            kernel = nn.Parameter(conv3x3(width, width).weight.detach().clone()) if shared else None
-            layers = []
-            for j in range(blocks):
-                layers.append(SEBasicBlock(cin, width, stride=2 if i > 0 and j == 0 else 1, shared=kernel))
-                cin = width
-            stages.append(nn.Sequential(*layers))
-        self.layers = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(cin, num_classes)
+        def stage_options(i):
+            # A stage that shares gets one kernel of its blocks' (width, width, 3, 3) shape.
+            width = widths[i]
+            return dict(shared=nn.Parameter(conv3x3(width, width).weight.detach().clone()) if share[i] else None)
 
-    def forward(self, x):
-        out = self.layers(self.bn1(self.conv1(x)))
-        return self.linear(self.pool(out).flatten(1))
+        super().__init__(widths, [blocks] * len(widths), stem=stem, block=SEBasicBlock,
+                         stage_options=stage_options, num_classes=num_classes)
 
 
 _R001_DENSE_RECIPE = Recipe(
