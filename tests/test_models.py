@@ -33,6 +33,19 @@ def _has_triton_bn() -> bool:
 needs_triton = pytest.mark.skipif(not _has_triton_bn(), reason="kernels.bn_relu is not available")
 BACKENDS = ["eager", "compiled", pytest.param("triton", marks=needs_triton)]
 
+
+def _device_for(*backends) -> torch.device:
+    """Where a test of these backends runs: the triton backend needs CUDA tensors on a GPU
+    machine (the interpreter that runs it on CPU tensors is only switched on without one)."""
+    return torch.device("cuda" if "triton" in backends and torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    # on a GPU, TF32 convolutions would swamp the backend comparisons
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
 # ---------------------------------------------------------------------------------------------
 # Parameter counts, computed here from the architecture descriptions (not from the models)
 
@@ -227,9 +240,11 @@ def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
     mod = NormAct(C, relu=relu, momentum=momentum)
     mod.load_state_dict(ref.state_dict())
     mod.backend = backend
+    dev = _device_for(backend)
+    ref.to(dev), mod.to(dev)
     for step in range(3):
-        x = (torch.randn(4, C, 5, 5) * (step + 1) + step).requires_grad_()
-        r = torch.randn(4, C, 5, 5, requires_grad=True) if with_residual else None
+        x = (torch.randn(4, C, 5, 5) * (step + 1) + step).to(dev).requires_grad_()
+        r = torch.randn(4, C, 5, 5).to(dev).requires_grad_() if with_residual else None
         x2 = x.detach().clone().requires_grad_()
         r2 = r.detach().clone().requires_grad_() if with_residual else None
         y = mod(x, r)
@@ -248,8 +263,8 @@ def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
         assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item() == step + 1
     mod.eval()
     ref.eval()
-    x = torch.randn(3, C, 4, 4)
-    r = torch.randn(3, C, 4, 4) if with_residual else None
+    x = torch.randn(3, C, 4, 4).to(dev)
+    r = torch.randn(3, C, 4, 4).to(dev) if with_residual else None
     with torch.no_grad():
         torch.testing.assert_close(mod(x, r), _reference_step(ref, x, r, relu), rtol=1e-5, atol=1e-5)
     assert mod.num_batches_tracked.item() == 3  # eval does not count
@@ -305,11 +320,12 @@ def test_torch_compile_agrees_with_eager():
                                      pytest.param("eager", "triton", marks=needs_triton),
                                      pytest.param("triton", "eager", marks=needs_triton)])
 def test_state_dict_round_trip_across_backends(src, dst):
-    x, y = _data()
-    a = set_bn_backend(_tiny(0), src)
+    dev = _device_for(src, dst)
+    x, y = (t.to(dev) for t in _data())
+    a = set_bn_backend(_tiny(0).to(dev), src)
     for _ in range(2):
         _train_step(a, x, y)
-    b = set_bn_backend(_tiny(1), dst)
+    b = set_bn_backend(_tiny(1).to(dev), dst)
     b.load_state_dict(a.state_dict())
     for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(t, u), name
@@ -318,7 +334,7 @@ def test_state_dict_round_trip_across_backends(src, dst):
     with torch.no_grad():
         torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
     # training on from the loaded state keeps both in step, running statistics included
-    x2, y2 = _data(seed=2)
+    x2, y2 = (t.to(dev) for t in _data(seed=2))
     torch.testing.assert_close(_train_step(b, x2, y2), _train_step(a, x2, y2), rtol=1e-4, atol=1e-5)
     for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(u, t, rtol=1e-4, atol=1e-5, msg=name)

@@ -55,3 +55,34 @@ def test_pool_first_equals_pool_last_with_unit_bn_scale():
         pool_first = block.norm1(block.pool(y))
         pool_last = block.pool(block.norm1(y))
     torch.testing.assert_close(pool_first, pool_last)
+
+
+def _bn(norm, x):
+    """Eval-mode BatchNorm from the module's statistics and parameters, written out."""
+    shape = (1, -1, 1, 1)
+    return ((x - norm.running_mean.view(shape)) / torch.sqrt(norm.running_var.view(shape) + norm.eps)
+            * norm.weight.view(shape) + norm.bias.view(shape))
+
+
+def test_forward_is_the_documented_layout():
+    """Eval-mode forward against the layout in the module docstring, written with functional ops:
+    stem conv-BN-ReLU; per block conv, 2x2 max pool, BN-ReLU, conv, BN, + skip, ReLU; global max
+    pool, bias-free linear, times logit_scale."""
+    torch.manual_seed(0)
+    model = create_model("speedrun_net", widths=(8, 16, 16, 16)).eval()
+    with torch.no_grad():
+        for m in model.modules():   # statistics and shifts away from their initial values
+            if isinstance(m, NormAct):
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+        x = torch.randn(3, 3, 32, 32)
+        h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
+        for block in (model.block1, model.block2, model.block3):
+            h = F.relu(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
+            h = F.relu(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + h)
+        assert h.shape[-2:] == (4, 4)
+        want = h.amax(dim=(2, 3)) @ model.fc.weight.T * model.logit_scale
+        got = model(x)
+    assert model.fc.bias is None and model.logit_scale == 0.125
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -66,6 +66,7 @@ def test_eval_command_reproduces_the_run(run):
     assert len(r["per_class_acc"]) == 10
     flipped = CliRunner().invoke(app, ["eval", str(out / "last.pt"), "--tta", "flip"])
     assert flipped.exit_code == 0 and "accuracy" in flipped.output and "airplane" in flipped.output
+    assert "(TTA flip)" in flipped.output                  # the option reaches the evaluation
 
 
 def test_eval_on_another_beton_and_missing_one(run, tmp_path):
@@ -109,12 +110,15 @@ def test_resume_is_bit_identical(data, tmp_path, monkeypatch):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert len(a["lookahead"]["slow"]) == len(b["lookahead"]["slow"]) > 0
     for sa, sb in zip(a["lookahead"]["slow"], b["lookahead"]["slow"]):
         assert torch.equal(sa, sb)
+    assert a["lookahead"]["count"] == b["lookahead"]["count"]
     assert a["schedule"] == b["schedule"]
     mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert len(mom_a) == len(mom_b) > 0 and all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])   # dropout's generator too
     # and the logged history is the same, epoch by epoch
     la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

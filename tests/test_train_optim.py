@@ -1,6 +1,8 @@
 """Optimizers, schedules, Lookahead, adversarial model perturbation, EMA and clipping."""
 from __future__ import annotations
 
+import collections
+import json
 import math
 
 import pytest
@@ -178,18 +180,69 @@ PATHS = {
 }
 
 
+OPTIMIZER_STATE = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg", "adadelta": "acc_delta"}
+
+
 @pytest.mark.parametrize("name", sorted(PATHS))
-def test_training_path_runs(data, tmp_path, name):
+def test_training_path_runs(data, tmp_path, monkeypatch, name):
+    """Two steps through each path, and the tricks the recipe names are really used on each
+    step (and the others are not): optimizer kind, lr from the schedule, Lookahead, model
+    perturbation, EMA, clipping, label smoothing, and the augmentation handed to the loader."""
+    import beton_data
+    import fastcifar.train as T
     from fastcifar.train import train
+
+    calls = collections.Counter()
+
+    def spy(owner, attr, key):
+        real = getattr(owner, attr)
+
+        def wrapper(*a, **k):
+            calls[key] += 1
+            return real(*a, **k)
+        monkeypatch.setattr(owner, attr, wrapper)
+
+    spy(T, "clip_gradients", "clip")
+    spy(T.ModelPerturbation, "perturb", "perturb")
+    spy(T.Lookahead, "step", "lookahead")
+    spy(T.EMA, "update", "ema")
+    smoothing, augs = [], []
+    real_ce, real_loader = T.F.cross_entropy, beton_data.make_loader
+    monkeypatch.setattr(T.F, "cross_entropy", lambda *a, **k: smoothing.append(k.get("label_smoothing"))
+                        or real_ce(*a, **k))
+    monkeypatch.setattr(beton_data, "make_loader", lambda *a, **k: augs.append(k.get("aug")) or real_loader(*a, **k))
 
     s = train(small_config(data, tmp_path / "run", max_steps=2, overrides=PATHS[name]))
     assert s["steps"] == 2 and s["status"] == "max_steps"
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    recipe = Recipe.from_dict(json.loads((tmp_path / "run" / "config.json").read_text())["recipe"])
+    for key, value in PATHS[name].items():   # the overrides reached the recipe
+        assert getattr(recipe, key) == (tuple(value) if isinstance(value, tuple) else value), key
+
+    # optimizer kind and settings, read from its saved state
+    group = ckpt["optimizer"]["param_groups"][0]
+    states = list(ckpt["optimizer"]["state"].values())
+    assert states and all(OPTIMIZER_STATE[recipe.optimizer] in st for st in states)
+    if recipe.optimizer == "sgd":
+        assert group["nesterov"] == recipe.nesterov and group["momentum"] == recipe.momentum
+    if recipe.optimizer in ("adam", "adamw"):
+        assert group["decoupled_weight_decay"] == (recipe.optimizer == "adamw")
+    # the lr of the last step (index 1) is the schedule's, 4 steps per epoch over 256 images
+    assert group["lr"] == pytest.approx(LRSchedule(recipe, 4, recipe.epochs * 4)(1))
+    # each trick on both steps exactly when the recipe asks for it
+    clip = recipe.grad_clip_norm is not None or recipe.grad_clip_value is not None
+    assert calls["clip"] == (2 if clip else 0)
+    assert calls["perturb"] == (2 if recipe.amp_epsilon > 0 else 0)
+    assert calls["lookahead"] == (2 if recipe.lookahead_k > 0 else 0)
+    assert calls["ema"] == (2 if recipe.ema > 0 else 0)
     if name == "lookahead":
         assert ckpt["lookahead"]["count"] == 2
-    if name == "ema_tta":
-        assert ckpt["ema"] is not None
+    assert (ckpt["ema"] is not None) == (recipe.ema > 0)
+    assert len(smoothing) >= 2 and set(smoothing) == {recipe.label_smoothing}
+    assert augs[0].flip == recipe.flip and augs[0].translate == recipe.translate and augs[0].cutout == recipe.cutout
+    if name == "cutout":
+        assert (augs[0].cutout, augs[0].translate) == (8, 2)
 
 
 def test_bf16_autocast_path_runs_on_cpu(data, tmp_path):
@@ -202,9 +255,30 @@ def test_bf16_autocast_path_runs_on_cpu(data, tmp_path):
 def test_full_epoch_with_tta_and_ema_evaluates(data, tmp_path):
     from fastcifar.train import train
 
-    s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=1, ema=0.5, tta="flip")))
+    s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=1, ema=0.9, tta="flip")))
     assert s["status"] == "completed" and 0 <= s["final_acc"] <= 1
     assert math.isfinite(s["final_test_loss"])
+    # the figures are those of the EMA weights under flip TTA: re-evaluate the checkpoint's EMA
+    # weights with flip TTA, and check that the raw weights or no TTA would have given others
+    from beton_data import make_loader
+    from fastcifar.evaluate import evaluate
+    from fastcifar.models import create_model
+    from train_helpers import MODEL, TINY
+
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    test = make_loader("gpu", str(data / "test.beton"), 50, train=False, aug=None, seed=0)
+
+    def evaluated(weights, tta):
+        model = create_model(MODEL, **TINY)
+        model.load_state_dict(weights)
+        return evaluate(model, test, tta=tta)
+
+    ema_flip = evaluated(ckpt["ema"], "flip")
+    assert s["final_test_loss"] == pytest.approx(ema_flip["loss"], rel=1e-6)
+    assert s["final_acc"] == pytest.approx(ema_flip["acc"])
+    # (the same figures agree to float rounding; these differ by >1e-4 relative here)
+    assert evaluated(ckpt["model"], "flip")["loss"] != pytest.approx(ema_flip["loss"], rel=1e-5)
+    assert evaluated(ckpt["ema"], "none")["loss"] != pytest.approx(ema_flip["loss"], rel=1e-5)
 
 
 def test_ffcv_loader_path_runs(data, tmp_path):
