@@ -41,6 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -324,10 +325,15 @@ def main(argv=None) -> dict:
     if not args.skip_train_step:
         step_batch = 2 if args.dry_run else batch
         for backend in ("triton", "compiled"):
-            train[backend] = train_step_ms(backend, step_batch, device, quick)
+            try:    # a failure here must not cost the per-shape table measured above
+                train[backend] = train_step_ms(backend, step_batch, device, quick)
+            except Exception as e:
+                train[backend] = {"error": f"{type(e).__name__}: {e}"}
+                traceback.print_exc()
         train["batch"] = step_batch
-        train["speedup_triton_vs_compiled"] = (train["compiled"]["ms_per_step"]
-                                               / train["triton"]["ms_per_step"])
+        if all("ms_per_step" in train[k] for k in ("triton", "compiled")):
+            train["speedup_triton_vs_compiled"] = (train["compiled"]["ms_per_step"]
+                                                   / train["triton"]["ms_per_step"])
     result = {
         "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
         "memory_format": "channels_last", "batch": batch,
@@ -355,7 +361,7 @@ def main(argv=None) -> dict:
           f"{summary['zoo_weighted_ms']['compiled']:.2f} ms "
           f"(x{summary['speedup_vs_compiled']:.2f}); "
           f"floor at copy bandwidth {summary['floor_ms_at_copy_bw']:.2f} ms")
-    if train:
+    if "speedup_triton_vs_compiled" in train:
         print(f"resnet_2111 train step (batch {train['batch']}): triton "
               f"{train['triton']['ms_per_step']:.2f} ms, compiled "
               f"{train['compiled']['ms_per_step']:.2f} ms "
