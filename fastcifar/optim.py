@@ -232,7 +232,11 @@ class ModelPerturbation:
 
 class EMA:
     """An exponential moving average of the weights, evaluated instead of the raw model.
-    BatchNorm running statistics are copied rather than averaged: they already are averages."""
+
+    BatchNorm running statistics are averaged with the same decay as the weights: the
+    statistics of the current weights do not describe the averaged weights' activations
+    (early in a run the two differ a lot), while the averaged statistics roughly do. Integer
+    buffers (num_batches_tracked) are copied."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = float(decay)
@@ -245,7 +249,10 @@ class EMA:
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - self.decay)
         for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+            if e.is_floating_point():
+                e.lerp_(b, 1 - self.decay)
+            else:
+                e.copy_(b)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -146,6 +146,19 @@ def test_ema_averages():
     assert torch.allclose(ema.model.weight, torch.full((1, 2), 0.1))
 
 
+def test_ema_averages_bn_statistics_and_copies_counts():
+    model = nn.BatchNorm2d(3)
+    ema = EMA(model, decay=0.75)
+    with torch.no_grad():
+        model.running_mean.fill_(4.0)
+        model.running_var.fill_(9.0)
+        model.num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.model.running_mean, torch.full((3,), 1.0))   # 0.75 * 0 + 0.25 * 4
+    assert torch.allclose(ema.model.running_var, torch.full((3,), 3.0))    # 0.75 * 1 + 0.25 * 9
+    assert ema.model.num_batches_tracked.item() == 7
+
+
 def test_clipping_by_norm_and_value():
     p = nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
