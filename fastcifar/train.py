@@ -93,8 +93,13 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) one run; returns the summary (also written to summary.json)."""
     wall0 = time.perf_counter()
     cfg, ckpt = _resolve_config(cfg)
-    info = dist.init(cfg.device)
-    device = torch.device(f"cuda:{info.local_rank}" if cfg.device == "cuda" else cfg.device)
+    device = torch.device(cfg.device)
+    info = dist.init(device.type)
+    if device.type == "cuda":
+        # under torchrun each process takes its local rank's GPU; alone, the one asked for
+        index = info.local_rank if info.enabled or device.index is None else device.index
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)  # the Triton kernels launch on the current device
     ctx = {}  # what an error message may need from inside
     try:
         with _StopOnSignal() as stop:
@@ -436,10 +441,16 @@ def _resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
     if cfg.device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
-        device = torch.device(cfg.device).type
-        if device == "cuda" and not torch.cuda.is_available():
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    gpu = device == "cuda"
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {cfg.device}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+        device = str(dev)  # "cpu", "cuda" or "cuda:N"
+    gpu = device.startswith("cuda")
     compile_ = gpu if cfg.compile is None else cfg.compile
     precision = cfg.precision or ("fp16" if gpu else "fp32")
     if precision not in PRECISIONS:
