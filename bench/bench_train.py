@@ -55,7 +55,8 @@ LOADERS = ("ffcv", "gpu")
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="beton_data/cifar10", help="folder with train.beton (default: %(default)s)")
+    p.add_argument("--data", default=None,
+                   help="folder with train.beton (default: beton_data/cifar10; with --dry-run, 64 synthetic images)")
     p.add_argument("--models", nargs="*", default=None, help="zoo models (default: all)")
     p.add_argument("--backends", nargs="*", default=list(BACKENDS), choices=BACKENDS)
     p.add_argument("--loaders", nargs="*", default=list(LOADERS), choices=LOADERS)
@@ -84,9 +85,10 @@ def main(argv=None) -> dict:
             args.backends = ["eager"] if args.backends == list(BACKENDS) else args.backends
             args.batch_size = args.batch_size or 8
             args.warmup_steps, args.steps, args.wait_steps = 2, 2, 2
-            if not (Path(args.data) / "train.beton").is_file():
+            if args.data is None:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-")))
                 args.data = str(synthetic_data(tmp, n=64))
+        args.data = args.data or "beton_data/cifar10"
         train_beton = Path(args.data) / "train.beton"
         if not train_beton.is_file():
             sys.exit(f"error: no {train_beton}; run `fastcifar convert` first or pass --data DIR")

@@ -193,8 +193,8 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
 
     from fastcifar.checkpoint import atomic_write_text
     from fastcifar.leaderboard import data_name, now_iso
-    from fastcifar.machine import device_name, machine_info, versions
-    from fastcifar.speedrun import _aggregate, _command_line
+    from fastcifar.machine import command_line, device_name, machine_info, versions
+    from fastcifar.speedrun import _aggregate
 
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
@@ -205,7 +205,7 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
     agg = _aggregate(results)
     result = {"kind": "airbench_calibration", "name": NAME, "package": f"airbench=={VERSION}",
               "device": device_name(device), "data": data_name(Path(data_dir)),
-              "data_dir": str(data_dir), "command": _command_line(), "date": now_iso(),
+              "data_dir": str(data_dir), "command": command_line(), "date": now_iso(),
               "versions": versions(), "machine": machine_info(device), "published_acc": PUBLISHED_ACC,
               "runs": results, **agg, "gap_to_published": PUBLISHED_ACC - agg["accuracy_mean"]}
     print(f"{NAME} on {result['data']}: {100 * agg['accuracy_mean']:.2f}% mean over {runs} runs "

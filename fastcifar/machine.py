@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import sys
 from importlib import metadata
 from typing import Optional
 
@@ -66,6 +68,14 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def command_line() -> str:
+    """The command that is running, as a user would type it (``fastcifar ...`` for the CLI)."""
+    argv = list(sys.argv)
+    if argv and (argv[0].endswith("fastcifar") or argv[0].endswith("cli.py")):
+        argv[0] = "fastcifar"
+    return shlex.join(argv)
+
+
 def machine_info(device=None) -> dict:
     """Platform, CPUs, GPUs and ``versions()``; ``device`` (if given) is named as ``device_name``
     names it. The load average tells whether other work shared the CPUs during a measurement."""
@@ -80,4 +90,5 @@ def machine_info(device=None) -> dict:
         info["device"] = str(device)
         info["device_name"] = device_name(device)
     info["versions"] = versions()
+    info["command"] = command_line()
     return info

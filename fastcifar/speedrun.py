@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import sys
 import tempfile
 import time
 import uuid
@@ -34,7 +32,7 @@ import torch
 from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
 from fastcifar.leaderboard import add_entry, data_name, format_pm, mean_std, now_iso
-from fastcifar.machine import machine_info
+from fastcifar.machine import command_line, machine_info
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -74,7 +72,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     result = {
         "kind": "speedrun_result", "id": run_id, "model": model, "recipe": "fast",
         "recipe_fields": recipe.to_dict(), "overrides": dict(overrides or {}),
-        "data": data_name(data), "data_dir": str(data), "command": _command_line(),
+        "data": data_name(data), "data_dir": str(data), "command": command_line(),
         "date": now_iso(), "seeds": list(range(seed, seed + runs)), "loader": loader,
     }
 
@@ -246,12 +244,6 @@ def report_lines(result: dict) -> list[str]:
                      f"{'faster' if ratio >= 1 else 'slower'})")
     return lines
 
-
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and (argv[0].endswith("fastcifar") or argv[0].endswith("cli.py")):
-        argv[0] = "fastcifar"
-    return shlex.join(argv)
 
 
 def _run_line(name: str, i: int, n: int, r: dict) -> str:

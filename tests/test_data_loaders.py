@@ -141,7 +141,7 @@ def decode_coords(out: np.ndarray, p: int):
 def test_augmentation_statistics(kind, coord_beton):
     p, c = 4, 8
     ld = loader(kind, coord_beton, batch_size=100, train=True, aug=AugConfig(translate=p, cutout=c), seed=3)
-    flips, dys, dxs, idxs, holes = [], [], [], [], []
+    flips, dys, dxs, holes = [], [], [], []
     for epoch in (0, 1):
         images, idx = cat(epoch_batches(ld, epoch))
         f, dy, dx, hole = decode_coords(to_uint8(images), p)

@@ -21,7 +21,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kernels.batchnorm as impl
