@@ -35,6 +35,7 @@ class _ArrayDataset:
 def _quiet_ffcv_writer(quiet: bool):
     # DatasetWriter always draws its own tqdm bar; there is no option to turn it off, so the
     # module's tqdm is swapped for a disabled one while we write.
+    import beton_data._ffcv  # noqa: F401  (keeps torch's thread count)
     import ffcv.writer
     if not quiet:
         yield
@@ -53,6 +54,7 @@ def write_beton(path, images: np.ndarray, labels: np.ndarray, progress: bool = F
     Atomic: the file is written under a temporary name in the same folder, then renamed, so
     `path` either keeps its previous content or holds the complete new file.
     """
+    import beton_data._ffcv  # noqa: F401  (keeps torch's thread count)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
@@ -86,6 +88,7 @@ def write_beton(path, images: np.ndarray, labels: np.ndarray, progress: bool = F
 
 def read_beton(path) -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 [N,32,32,3], labels int64 [N]) from a .beton written by write_beton."""
+    import beton_data._ffcv  # noqa: F401  (keeps torch's thread count)
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 

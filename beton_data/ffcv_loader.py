@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 import numba
 import numpy as np
 import torch
+import beton_data._ffcv  # noqa: F401,I001  (first: keeps torch's thread count)
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import SimpleRGBImageDecoder
 from ffcv.loader import Loader, OrderOption

@@ -293,3 +293,26 @@ def test_bad_arguments(random_beton, tmp_path):
         AugConfig(pad_mode="edge")
     with pytest.raises(ValueError):
         make_loader("gpu", path, batch_size=8, train=True, rank=2, world_size=2)
+
+
+def test_using_ffcv_keeps_torch_threads(tmp_path):
+    """Importing ffcv sets torch's thread count to 1; reading a beton and building either
+    loader must leave it as it was (in a fresh process, where ffcv is not imported yet)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import numpy as np, torch
+        torch.set_num_threads(3)
+        from beton_data import read_beton, write_beton
+        from beton_data.loaders import make_loader
+        p = {str(tmp_path / "t.beton")!r}
+        write_beton(p, np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+        read_beton(p)
+        for kind in ("gpu", "ffcv"):
+            make_loader(kind, p, 2, train=False)
+        print(torch.get_num_threads())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "3"
