@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_SOURCE = Path("/work/shared/data/cifar10-jpeg-q75.tar.gz")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", type=Path, default=Path(os.environ.get("CIFAR_JPEG_TAR", DEFAULT_SOURCE)))
+    ap.add_argument("--source", type=Path, default=Path(os.environ.get("CIFAR_JPEG_TAR", "cifar10-jpeg-q75.tar.gz")),
+                    help="the JPEG image-folder copy of CIFAR-10 (default: $CIFAR_JPEG_TAR or ./cifar10-jpeg-q75.tar.gz)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS / "convert_cpu.json")
     args = ap.parse_args()
