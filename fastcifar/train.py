@@ -35,7 +35,6 @@ import dataclasses
 import json
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from fastcifar import dist
 from fastcifar.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
 from fastcifar.evaluate import TTA_MODES, class_names, evaluate
-from fastcifar.machine import device_name, versions
+from fastcifar.machine import command_line, device_name, versions
 from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
                              clip_gradients, set_lr)
 from fastcifar.recipe import Recipe
@@ -571,7 +570,7 @@ def _summary(cfg, recipe, info, device, n_params, state, times, status, target, 
                               train_s=reached["train_total_s"] - state["times"]["warmup_s"])
     return {
         "model": cfg.model, "model_options": cfg.model_options, "params": n_params,
-        "run_id": run_dir.name, "data": str(cfg.data), "command": " ".join(sys.argv),
+        "run_id": run_dir.name, "data": str(cfg.data), "command": command_line(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "final_accuracy_pct": 100 * last_eval["acc"] if last_eval else None,
         "train_time_s": times["train_s"], "wall_time_s": times["wall_s"],
