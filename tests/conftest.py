@@ -6,3 +6,18 @@ import torch
 # before triton is first imported (kernels decide at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off for the test (on a GPU, TF32 convolutions and matmuls would swamp comparisons
+    with float64 references). Saved and restored by hand: these are properties backed by
+    torch._C, which pytest's monkeypatch (9.2) records as absent and then fails to restore."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    yield
+    cudnn.allow_tf32, matmul.allow_tf32 = saved

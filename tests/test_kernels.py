@@ -34,11 +34,8 @@ TOL = {"fp32": 2e-5, "fp16": 2.0 ** -10, "bf16": 2.0 ** -7}
 
 
 @pytest.fixture(autouse=True)
-def _poison(monkeypatch):
+def _poison(monkeypatch, no_tf32):
     assert impl.INTERPRET or torch.cuda.is_available(), "kernels must run, not be skipped"
-    if torch.cuda.is_available():   # TF32 convolutions would swamp the comparisons
-        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(impl, "POISON", True)
     monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {})
 

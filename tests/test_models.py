@@ -41,10 +41,8 @@ def _device_for(*backends) -> torch.device:
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    # on a GPU, TF32 convolutions would swamp the backend comparisons
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _no_tf32(no_tf32):
+    """on a GPU, TF32 convolutions would swamp the backend comparisons"""
 
 # ---------------------------------------------------------------------------------------------
 # Parameter counts, computed here from the architecture descriptions (not from the models)
