@@ -224,6 +224,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
     status, last_eval = "completed", None
     if state["sessions"]:
         say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    if device.type == "cpu" and state["epoch"] < recipe.epochs:
+        say(f"note: no GPU, so training runs on the CPU ({recipe.epochs} epochs of {steps_per_epoch} "
+            f"steps) at a few hundred images/s at best: a full recipe on CIFAR-10 takes hours "
+            f"(--epochs 1 checks the set-up)")
     state["sessions"] += 1
     step_fn = _make_step(net, raw, recipe, optimizer, scaler, schedule, lookahead, perturb, ema, params, autocast)
     state["times"]["setup_s"] += time.perf_counter() - wall0  # imports, data into memory, model
