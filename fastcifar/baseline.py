@@ -28,13 +28,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from beton_data.sources import CLASSES
 from fastcifar.errors import UserError
 from fastcifar.machine import package_version
 
 NAME = "airbench94"
 VERSION = "0.1.8"
 PUBLISHED_ACC = 0.9401          # mean over 1,000 runs on the original CIFAR-10 (airbench README)
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def write_airbench_split(folder: str | Path, train: bool, images: np.ndarray, labels: np.ndarray) -> Path:

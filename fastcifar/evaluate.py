@@ -9,12 +9,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from beton_data.sources import CLASSES
 from fastcifar import dist
 from fastcifar.errors import UserError
 
 TTA_MODES = ("none", "flip", "flip_translate")
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -97,8 +96,8 @@ def class_names(data_dir: Path | None, num_classes: int) -> list[str]:
                 names = meta.get(key) if isinstance(meta, dict) else None
                 if isinstance(names, list) and len(names) == num_classes:
                     return [str(c) for c in names]
-    if num_classes == len(CIFAR10_CLASSES):
-        return list(CIFAR10_CLASSES)
+    if num_classes == len(CLASSES):
+        return list(CLASSES)
     return [str(i) for i in range(num_classes)]
 
 
@@ -113,6 +112,7 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     The EMA weights are evaluated when the run kept them, as training did."""
     from beton_data import make_loader
     from fastcifar.checkpoint import load_checkpoint
+    from fastcifar.machine import resolve_device
     from fastcifar.models import create_model
 
     ckpt = load_checkpoint(path)
@@ -129,8 +129,7 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     tta = tta or ckpt.get("recipe", {}).get("tta", "none")
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(resolve_device(device))
 
     model = create_model(ckpt["model_name"], **ckpt.get("model_options", {}))
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])

@@ -53,6 +53,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def resolve_device(spec: str = "auto") -> str:
+    """"auto" (cuda when torch sees a GPU, else cpu), "cpu", "cuda" or "cuda:N", checked
+    against what torch sees; returns the canonical string."""
+    from fastcifar.errors import UserError
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise UserError(f"unknown device {spec!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {spec} asked for, but torch sees no CUDA device")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {spec}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
 def device_name(device) -> str:
     """The GPU's name for a CUDA device; "CPU (<model>, <n> cores, <t> threads)" otherwise."""
     device = torch.device(device)

@@ -27,12 +27,11 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
 from fastcifar.leaderboard import add_entry, data_name, format_pm, mean_std, now_iso
-from fastcifar.machine import command_line, machine_info
+from fastcifar.machine import command_line, machine_info, resolve_device
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -59,8 +58,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         recipe = recipe.replace(**(overrides or {}))
     except (ValueError, TypeError) as e:
         raise UserError(f"bad override: {e}") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if original_npz is not None:
         load_npz(original_npz)  # fail now on a bad file, not after the runs
     if baseline:

@@ -49,7 +49,7 @@ from fastcifar import dist
 from fastcifar.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
 from fastcifar.evaluate import TTA_MODES, class_names, evaluate
-from fastcifar.machine import command_line, device_name, versions
+from fastcifar.machine import command_line, device_name, resolve_device, versions
 from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
                              clip_gradients, set_lr)
 from fastcifar.recipe import Recipe
@@ -441,18 +441,7 @@ def _resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict | None]:
             target=cfg.target if cfg.target is not None else saved.target)
     if not cfg.model:
         raise UserError("--model is required (see `fastcifar models` for the names)")
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise UserError(f"unknown device {cfg.device!r}; use auto, cpu, cuda or cuda:N") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but torch sees no CUDA device")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UserError(f"--device {cfg.device}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
-        device = str(dev)  # "cpu", "cuda" or "cuda:N"
+    device = resolve_device(cfg.device)  # "cpu", "cuda" or "cuda:N"
     gpu = device.startswith("cuda")
     compile_ = gpu if cfg.compile is None else cfg.compile
     precision = cfg.precision or ("fp16" if gpu else "fp32")

@@ -111,7 +111,7 @@ def test_prepare_workdir_writes_what_airbench_loads(tiny, tmp_path):
         assert data["images"].dtype == torch.uint8 and data["images"].shape == (len(labels), 32, 32, 3)
         assert data["labels"].dtype == torch.int64
         assert np.array_equal(data["images"].numpy(), images) and np.array_equal(data["labels"].numpy(), labels)
-        assert data["classes"] == ab.CLASSES
+        assert data["classes"] == list(ab.CLASSES)
     assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
 
 
