@@ -74,8 +74,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import fastcifar.models as zoo
-    from fastcifar.checkpoint import atomic_write_text
-    from fastcifar.speedrun import device_slug
+    from fastcifar.results import atomic_write_text, device_slug
     from fastcifar.machine import device_name, versions
 
     with contextlib.ExitStack() as stack:

@@ -92,7 +92,7 @@ def read_beton(path) -> tuple[np.ndarray, np.ndarray]:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.reader import Reader
 
-    from fastcifar.errors import UserError
+    from beton_data.errors import UserError
 
     path = Path(path)
     if not path.is_file():

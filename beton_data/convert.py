@@ -19,7 +19,7 @@ import numpy as np
 
 from beton_data import sources
 from beton_data.beton import write_beton
-from fastcifar.errors import UserError
+from beton_data.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

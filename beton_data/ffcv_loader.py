@@ -184,7 +184,7 @@ class FFCVLoader(BaseLoader):
     def __init__(self, path, num_workers: int | None = None, **kw):
         from ffcv.reader import Reader
 
-        from fastcifar.errors import UserError
+        from beton_data.errors import UserError
         try:
             num_total = int(Reader(str(path)).num_samples)
         except Exception as e:  # FFCV raises assorted errors on foreign or truncated files

@@ -15,7 +15,7 @@ import numpy as np
 from beton_data.augment import AugConfig, augment_numpy
 from beton_data.beton import read_beton
 from beton_data.sources import CLASSES
-from fastcifar.errors import UserError
+from beton_data.errors import UserError
 
 SCALE = 3      # each 32x32 image is drawn 96x96
 GAP = 24       # between the two panels

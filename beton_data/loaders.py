@@ -93,7 +93,7 @@ def make_loader(kind: str, path, batch_size: int, train: bool, aug: AugConfig | 
     """A loader over the .beton `path`; see the module docstring. `aug` is ignored when
     train=False; drop_last and shuffle default to `train`; num_workers (CPU threads of the FFCV
     loader) defaults to the CPUs this process may use and is ignored by the GPU loader."""
-    from fastcifar.errors import UserError
+    from beton_data.errors import UserError
 
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such .beton file; create it with `fastcifar convert`")

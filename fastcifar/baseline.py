@@ -28,9 +28,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from beton_data.files import atomic_path
 from beton_data.sources import CLASSES
 from fastcifar.errors import UserError
-from fastcifar.machine import package_version
+from fastcifar.machine import package_version, sync
 
 NAME = "airbench94"
 VERSION = "0.1.8"
@@ -48,16 +49,10 @@ def write_airbench_split(folder: str | Path, train: bool, images: np.ndarray, la
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / ("train.pt" if train else "test.pt")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),
-                        "labels": torch.from_numpy(labels.astype(np.int64)),
-                        "classes": list(CLASSES)}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save({"images": torch.from_numpy(np.ascontiguousarray(images)),
+                    "labels": torch.from_numpy(labels.astype(np.int64)),
+                    "classes": list(CLASSES)}, tmp)
     return path
 
 
@@ -159,11 +154,11 @@ class AirbenchBaseline:
                                     aug=hyp["aug"], altflip=True)
             test = ab.CifarLoader("cifar10", train=False, batch_size=2000)
             tta = hyp["net"]["tta_level"]
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             model = ab.train94(loader, verbose=False)
             acc = ab.evaluate(model, test, tta_level=tta)
-            _sync(self.device)
+            sync(self.device)
             elapsed = time.perf_counter() - start
             out = {"seed": seed, "accuracy": float(acc), "time_s": elapsed}
             if self.has_original:
@@ -189,11 +184,10 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
     """train94 alone, ``runs`` times on ``data_dir``: how far this data (e.g. the JPEG copy) and
     machine put it from its published 94.01%. ``gap_to_published`` = published - measured mean
     (fractions); on the JPEG copy that is the copy's accuracy penalty for this network."""
-    import json
 
-    from fastcifar.checkpoint import atomic_write_text
-    from fastcifar.leaderboard import data_name, now_iso
+    from fastcifar.leaderboard import data_name
     from fastcifar.machine import command_line, device_name, machine_info, versions
+    from fastcifar.results import now_iso, write_result
     from fastcifar.speedrun import _aggregate
 
     if runs < 1:
@@ -212,15 +206,9 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
           f"(published {100 * PUBLISHED_ACC:.2f}% on the original CIFAR-10): gap "
           f"{100 * result['gap_to_published']:+.2f} points; time {agg['time_mean_s']:.2f} s")
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+        write_result(out, result)
         print(f"wrote {out}")
     return result
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -6,44 +6,21 @@ checkpoint intact, never a truncated one.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from beton_data.files import atomic_path
 from fastcifar.errors import UserError
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file in the target's folder (so os.replace is atomic), with the permissions
-    an ordinary new file would get (mkstemp's are owner-only)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
-    return fd, tmp
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -57,18 +34,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # a foreign or damaged file
         raise UserError(f"cannot read checkpoint {path}: {e}") from None
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict:

@@ -1,5 +1,5 @@
-"""The one exception type the CLI turns into a one-line error and a non-zero exit."""
+"""The one exception type the CLI turns into a one-line error and a non-zero exit (defined in
+the data layer, ``beton_data.errors``, so that layer needs nothing from this package)."""
+from beton_data.errors import UserError
 
-
-class UserError(Exception):
-    """Bad input or a missing prerequisite: the message alone tells the user what to do."""
+__all__ = ["UserError"]

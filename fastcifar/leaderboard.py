@@ -18,7 +18,6 @@ reader never sees a half-written entry (temporary files start with '.' and are s
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import re
@@ -28,8 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
+from fastcifar.results import atomic_write_text, format_pm, mean_std, now_iso
 
 ENTRY_DIR = "leaderboard"
 KINDS = ("speedrun", "baseline", "train")
@@ -83,8 +82,6 @@ def validate_entry(entry: dict) -> dict:
     return out
 
 
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
 # -----------------------------------------------------------------------------
@@ -175,13 +172,6 @@ def _stats(row: dict) -> dict:
             "time_mean_s": t_mean, "time_std_s": t_std}
 
 
-def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
-    """Mean and sample standard deviation (None for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
 
 
 # -----------------------------------------------------------------------------
@@ -212,9 +202,6 @@ def render_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_pm(mean: float, std: Optional[float], scale: float = 1.0) -> str:
-    """'94.12 ± 0.10' (scale=100 turns fractions into percent); just the mean when std is None."""
-    return f"{scale * mean:.2f}" if std is None else f"{scale * mean:.2f} ± {scale * std:.2f}"
 
 
 def _versions(v: dict) -> str:

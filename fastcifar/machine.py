@@ -94,6 +94,14 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
+def sync(device) -> None:
+    """Wait for the GPU to finish its queued work (nothing to wait for on the CPU): the bracket
+    around every host-clock timing of device work."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def machine_info(device=None) -> dict:
     """Platform, CPUs, GPUs and ``versions()``; ``device`` (if given) is named as ``device_name``
     names it. The load average tells whether other work shared the CPUs during a measurement."""

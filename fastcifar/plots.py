@@ -1,10 +1,11 @@
 """The two pictures of a run: learning curves and the test-set confusion matrix."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from beton_data.files import atomic_path
 
 
 def _pyplot():
@@ -17,10 +18,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
 
 
 def plot_curves(history: list[dict], path: str | Path) -> None:

@@ -19,8 +19,6 @@ baseline's) beside it, which accumulate over invocations.
 """
 from __future__ import annotations
 
-import json
-import re
 import tempfile
 import time
 import uuid
@@ -28,10 +26,10 @@ from pathlib import Path
 from typing import Optional
 
 
-from fastcifar.checkpoint import atomic_write_text
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import add_entry, data_name, format_pm, mean_std, now_iso
+from fastcifar.leaderboard import add_entry, data_name
 from fastcifar.machine import command_line, machine_info, resolve_device
+from fastcifar.results import device_slug, format_pm, mean_std, now_iso, write_result
 
 DEFAULT_RESULTS = Path("bench/results")
 
@@ -148,8 +146,7 @@ def _run_baseline(data: Path, device: str, seeds: list[int], original_npz, say) 
 
 def _write(result: dict, out: Path) -> None:
     result["entries"] = _entries(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
 
 
 def _finish(result: dict, out: Path, say) -> None:
@@ -249,10 +246,3 @@ def _run_line(name: str, i: int, n: int, r: dict) -> str:
     if "original_accuracy" in r:
         text += f", original test images {100 * r['original_accuracy']:.2f}%"
     return text
-
-
-def device_slug(device_name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'; any CPU -> 'cpu'."""
-    if device_name.startswith("CPU"):
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "device"

@@ -46,13 +46,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastcifar import dist
-from fastcifar.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastcifar.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
 from fastcifar.evaluate import TTA_MODES, class_names, evaluate
-from fastcifar.machine import command_line, device_name, resolve_device, versions
+from fastcifar.machine import command_line, device_name, resolve_device, sync, versions
 from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
                              clip_gradients, set_lr)
 from fastcifar.recipe import Recipe
+from fastcifar.results import atomic_write_json, atomic_write_text
 
 DEFAULT_DATA = "beton_data/cifar10"
 WARMUP_STEPS = 5     # first steps of a process, timed apart: they include compilation
@@ -194,7 +195,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
         run_dir.mkdir(parents=True, exist_ok=True)
         # a resumed run drops any line logged after its checkpoint was written
         _write_lines(run_dir / "metrics.jsonl", state["history"])
-        _write_json(run_dir / "config.json", {"config": dataclasses.asdict(cfg), "recipe": recipe.to_dict(),
+        atomic_write_json(run_dir / "config.json", {"config": dataclasses.asdict(cfg), "recipe": recipe.to_dict(),
                                               "world_size": info.world_size, "steps_per_epoch": steps_per_epoch,
                                               "params": n_params})
     if ckpt:
@@ -263,10 +264,10 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
             state.update(epoch=state["epoch"] + 1, batch=0, partial=None, epoch_time_s=0.0)
             last_epoch = state["epoch"] == recipe.epochs or outcome != "done"
             if state["epoch"] % cfg.eval_every == 0 or last_epoch or target is not None:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 last_eval = evaluate(eval_model, test_loader, cfg.num_classes, recipe.tta, autocast, info)
-                _sync(device)
+                sync(device)
                 dt = time.perf_counter() - t0
                 session_times["evals"].append(dt)
                 record.update(test_loss=last_eval["loss"], test_acc=last_eval["acc"], eval_time_s=dt)
@@ -308,7 +309,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, info: dist.DistInfo, device: tor
     summary = _summary(cfg, recipe, info, device, n_params, state, times, status, target, last_eval, names, run_dir)
     if main:
         checkpoint()  # carries the final times
-        _write_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary)
         if state["history"]:
             from fastcifar.plots import plot_confusion, plot_curves
             plot_curves(state["history"], run_dir / "curves.png")
@@ -368,7 +369,7 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
     window = torch.zeros(2, dtype=torch.float64, device=device)   # non-finite losses, steps
     one = torch.ones((), dtype=torch.float64, device=device)
     outcome = "done"
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     warming = times["warmup_s"] is None  # the first WARMUP_STEPS steps may span epochs
     for i, (images, labels) in enumerate(loader):
@@ -383,7 +384,7 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
         times["steps"] += 1
         bar.update(1)
         if warming and times["steps"] == WARMUP_STEPS:
-            _sync(device)
+            sync(device)
             times["warmup_s"] = times["warmup_partial_s"] + time.perf_counter() - t0
             times["warmup_steps"], warming = WARMUP_STEPS, False
         max_hit = cfg.max_steps is not None and state["step"] >= cfg.max_steps
@@ -408,7 +409,7 @@ def _train_epoch(state, loader, step_fn, times, stop, info, bar, cfg, device, st
             if max_hit:
                 outcome = "max_steps"
                 break
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - t0
     times["train_s"] += elapsed
     if warming:
@@ -625,15 +626,6 @@ class _StopOnSignal:
 
 def _finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _write_lines(path: Path, records: list[dict]) -> None:

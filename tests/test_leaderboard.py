@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fastcifar.leaderboard import ENTRY_DIR, add_entry, collect, leaderboard, mean_std, render_markdown
+from fastcifar.leaderboard import ENTRY_DIR, add_entry, collect, leaderboard, render_markdown
+from fastcifar.results import mean_std
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,12 +118,12 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import fastcifar.checkpoint as ck
+    import beton_data.files as files
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError):
         add_entry(tmp_path, _entry())
     assert list((tmp_path / ENTRY_DIR).iterdir()) == []

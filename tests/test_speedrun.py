@@ -14,7 +14,8 @@ from fastcifar import baseline as ab
 from fastcifar.cli import main
 from fastcifar.errors import UserError
 from fastcifar.leaderboard import ENTRY_DIR, collect, data_name
-from fastcifar.speedrun import device_slug, report_lines, speedrun
+from fastcifar.results import device_slug
+from fastcifar.speedrun import report_lines, speedrun
 
 
 def _images(n, seed):
