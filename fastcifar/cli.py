@@ -1,6 +1,8 @@
 """The ``fastcifar`` command. Each command parses its options and calls one function."""
 from __future__ import annotations
 
+import json
+from inspect import Parameter, Signature
 import sys
 from pathlib import Path
 from typing import Optional
@@ -95,71 +97,36 @@ def leaderboard(
     run(results=results, out=out, plot=plot, as_json=as_json)
 
 
-@app.command()
-def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Zoo model to train (see `fastcifar models`). Not needed with --resume."),
-    recipe: str = typer.Option("fast", "--recipe", help="Start from the model's `report` recipe (as its report wrote it) or the tuned `fast` one."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON object of recipe fields, applied on top of --recipe."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Recipe field `epochs`."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Recipe field `batch_size` (global, over all GPUs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Recipe field `lr` (peak learning rate)."),
-    tta: Optional[str] = typer.Option(None, "--tta", help="Recipe field `tta`: none | flip | flip_translate."),
-    ema: Optional[float] = typer.Option(None, "--ema", help="Recipe field `ema`: EMA decay of the weights (0 = off)."),
-    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
-                                   help="Override any recipe field, e.g. --set optimizer=adamw --set milestones=15,25 "
-                                        "(repeatable; `fastcifar models --recipe NAME` lists the fields)."),
-    model_opt: list[str] = typer.Option([], "--model-opt", metavar="KEY=VALUE",
-                                        help="Model builder option, e.g. --model-opt num_classes=100 (repeatable; JSON values)."),
-    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA})."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<model>-<timestamp>)."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda if available), cuda, cuda:N or cpu."),
-    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default: on for GPU, off for CPU)."),
-    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode: default, reduce-overhead, max-autotune, ..."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp16 (autocast + GradScaler) | bf16 | fp32 (default: fp16 on GPU, fp32 on CPU)."),
-    bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="BatchNorm+ReLU: eager | compiled | triton (default: compiled when compiling on GPU, else eager)."),
-    loader: str = typer.Option("gpu", "--loader", help="gpu (data in device memory, torch augmentation) or ffcv (CPU worker threads)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="FFCV loader threads (default: all CPUs)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, data order and augmentation."),
-    eval_every: int = typer.Option(1, "--eval-every", help="Evaluate every N epochs (the last epoch always is)."),
-    target: Optional[float] = typer.Option(None, "--target", metavar="ACC", help="Stop as soon as test accuracy reaches ACC (0.94 or 94) and record the time to it."),
-    resume: Optional[Path] = typer.Option(None, "--resume", metavar="RUN_DIR", help="Continue an interrupted run exactly where it stopped (its config is reused)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps in all (checkpoint kept; resumable)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No live progress bar (one line per epoch only)."),
-):
-    """Train a zoo model: compiled, channels-last, mixed precision; writes a run folder.
+# Recipe fields that have an option of their own (any field can be set with --set FIELD=VALUE).
+RECIPE_OPTIONS = {
+    "epochs": (("--epochs",), Optional[int], "Recipe field `epochs`."),
+    "batch_size": (("--batch-size", "-b"), Optional[int],
+                   "Recipe field `batch_size` (global, over all GPUs). Without --lr the learning rate "
+                   "follows it (linear for SGD, square root for Adam-family optimizers)."),
+    "lr": (("--lr",), Optional[float], "Recipe field `lr` (peak learning rate)."),
+    "tta": (("--tta",), Optional[str], "Recipe field `tta`: none | flip | flip_translate."),
+    "ema": (("--ema",), Optional[float], "Recipe field `ema`: EMA decay of the weights (0 = off)."),
+}
 
-    The run folder gets config.json, metrics.jsonl (one line per epoch), summary.json (accuracy, per-class accuracy, timings), curves.png, confusion.png and last.pt.
 
-    Ctrl-C or SIGTERM save a checkpoint and exit (code 130 / 143); `--resume RUN_DIR` continues exactly.
+def _train(**values):
+    from fastcifar.config import TrainConfig
+    from fastcifar.train import train as run
 
-    Several GPUs: `torchrun --nproc_per_node N -m fastcifar.cli train ...`.
-    """
-    import json as _json
-
-    from fastcifar.train import TrainConfig, train as run
-
-    overrides = {}
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr), ("tta", tta), ("ema", ema)):
-        if value is not None:
-            overrides[name] = value
-    overrides.update(_pairs(set_, "--set", "FIELD=VALUE"))
+    overrides = {k: v for k in RECIPE_OPTIONS if (v := values.pop(k)) is not None}
+    overrides.update(_pairs(values.pop("set_"), "--set", "FIELD=VALUE"))
     options = {}
-    for key, value in _pairs(model_opt, "--model-opt").items():
+    for key, value in _pairs(values.pop("model_opt"), "--model-opt").items():
         try:
-            options[key] = _json.loads(value)
+            options[key] = json.loads(value)
         except ValueError:
             options[key] = value
-    cfg = TrainConfig(model=model, recipe_tag=recipe, overrides=overrides,
-                      config_file=str(config) if config else None, model_options=options,
-                      data=str(data) if data else None, out=str(out) if out else None, device=device,
-                      compile=compile_, compile_mode=compile_mode, precision=precision,
-                      bn_backend=bn_backend, loader=loader, num_workers=workers, seed=seed,
-                      eval_every=eval_every, target=target, resume=str(resume) if resume else None,
-                      progress=not no_progress, max_steps=max_steps)
     try:
-        summary = run(cfg)
-    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, the last checkpoint stays
-        typer.echo("interrupted; the last checkpoint written is kept (continue with --resume RUN_DIR)", err=True)
+        summary = run(TrainConfig(**values, overrides=overrides, model_options=options))
+    except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once, the last checkpoint stays
+        run_dir = getattr(e, "run_dir", None)
+        typer.echo("interrupted; " + (f"the last checkpoint written is kept (continue with --resume {run_dir})"
+                                      if run_dir else "nothing was written"), err=True)
         raise typer.Exit(130)
     if summary.get("final_acc") is not None:
         t = summary["times"]
@@ -168,6 +135,46 @@ def train(
                    f"+ compile/warm-up {t['compile_warmup_s']:.1f}s, wall {t['wall_s']:.1f}s -> {summary['run_dir']}")
     if summary.get("signal"):
         raise typer.Exit(128 + int(summary["signal"]))
+
+
+def _train_signature() -> Signature:
+    """The options of `fastcifar train`: one per TrainConfig field that declares flags, one per
+    RECIPE_OPTIONS field, then --set and --model-opt (see fastcifar/train.py)."""
+    import dataclasses
+    import typing
+
+    from fastcifar.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+
+    def add(name, default, flags, annotation, help_text, **kw):
+        params.append(Parameter(name, Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(default, *flags, help=help_text, **kw)))
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("flags"):
+            add(f.name, f.default, f.metadata["flags"], hints[f.name], f.metadata["help"],
+                metavar=f.metadata["metavar"])
+    for name, (flags, annotation, help_text) in RECIPE_OPTIONS.items():
+        add(name, None, flags, annotation, help_text, metavar=name.upper())
+    add("set_", [], ("--set",), list[str],
+        "Override any recipe field, e.g. --set optimizer=adamw --set milestones=15,25 "
+        "(repeatable; `fastcifar models --recipe NAME` lists the fields).", metavar="FIELD=VALUE")
+    add("model_opt", [], ("--model-opt",), list[str],
+        "Model builder option, e.g. --model-opt dropout=0.2 (repeatable; JSON values).", metavar="KEY=VALUE")
+    return Signature(params)
+
+
+_train.__signature__ = _train_signature()
+app.command("train", help="""Train a zoo model: compiled, channels-last, mixed precision; writes a run folder.
+
+The run folder gets config.json, metrics.jsonl (one line per epoch), summary.json (accuracy, per-class accuracy, timings), curves.png, confusion.png, last.pt and TensorBoard event files (`tensorboard --logdir runs`).
+
+Ctrl-C or SIGTERM save a checkpoint and exit (code 130 / 143); `--resume RUN_DIR` continues exactly, with the run's own settings (only --device, --data, --workers, --eval-every, --target, --max-steps, --progress and --tensorboard may be given again).
+
+Several GPUs: `torchrun --nproc_per_node N -m fastcifar.cli train ...`.
+""")(_train)
 
 
 @app.command("eval")
@@ -181,8 +188,6 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Accuracy and per-class accuracy of a trained model on a .beton (EMA weights if the run kept them)."""
-    import json as _json
-
     from fastcifar.evaluate import run_eval
 
     if data is not None and beton is not None:
@@ -190,7 +195,7 @@ def eval_(
     result = run_eval(path, data=data, beton=beton, tta=tta, device=device, batch_size=batch_size, quiet=as_json)
     if as_json:
         result.pop("confusion", None)
-        typer.echo(_json.dumps(result, indent=2))
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()

@@ -53,21 +53,32 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
     """Loss, accuracy and confusion matrix of ``model`` over ``loader``.
 
     With several processes each one evaluates its shard of the test set and the sums are
-    all-reduced, so every rank returns the same figures."""
+    all-reduced, so every rank returns the same figures.
+
+    A last batch smaller than the first is padded to the same size (its extra rows are
+    ignored): a compiled model then sees one input shape, and compiles once, not again for the
+    remainder of the test set. In eval mode every image's output depends on that image alone,
+    so the padding changes nothing else."""
     info = info or dist.DistInfo()
     was_training = model.training
     model.eval()
     device = None
     loss_sum = None
     confusion = None
+    full = None
     ctx = autocast if autocast is not None else contextlib.nullcontext
     for images, labels in loader:
+        n = labels.shape[0]
         if device is None:
-            device = labels.device
+            device, full = labels.device, images
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+        if n < full.shape[0]:
+            padded = torch.zeros_like(full)     # same shape, dtype and memory format
+            padded[:n] = images
+            images = padded
         with ctx():
-            logits = tta_logits(model, images, tta)
+            logits = tta_logits(model, images, tta)[:n]
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         pred = logits.argmax(1)
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
@@ -83,8 +94,9 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
             "per_class_acc": per_class, "confusion": cm.tolist()}
 
 
-def class_names(data_dir: Path | None, num_classes: int) -> list[str]:
-    """Class names from the data folder's manifest.json when it has them, else CIFAR-10's."""
+def class_names(data_dir: Path | None, num_classes: int | None = None) -> list[str]:
+    """Class names from the data folder's manifest.json when it has them, else CIFAR-10's
+    (``num_classes``: only a list of that length will do; None: whatever the data has)."""
     if data_dir is not None:
         manifest = Path(data_dir) / "manifest.json"
         if manifest.is_file():
@@ -94,9 +106,9 @@ def class_names(data_dir: Path | None, num_classes: int) -> list[str]:
                 meta = {}
             for key in ("classes", "class_names"):
                 names = meta.get(key) if isinstance(meta, dict) else None
-                if isinstance(names, list) and len(names) == num_classes:
+                if isinstance(names, list) and names and num_classes in (None, len(names)):
                     return [str(c) for c in names]
-    if num_classes == len(CLASSES):
+    if num_classes in (None, len(CLASSES)):
         return list(CLASSES)
     return [str(i) for i in range(num_classes)]
 
@@ -131,10 +143,10 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
         raise UserError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
     dev = torch.device(resolve_device(device))
 
-    model = create_model(ckpt["model_name"], **ckpt.get("model_options", {}))
+    num_classes = int(ckpt.get("num_classes", 10))
+    model = create_model(ckpt["model_name"], num_classes=num_classes, **ckpt.get("model_options", {}))
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     model = model.to(dev, memory_format=torch.channels_last)
-    num_classes = int(ckpt.get("num_classes", 10))
     test_loader = make_loader(loader, str(beton), batch_size, train=False, aug=None, device=dev,
                               dtype=torch.float32, seed=0)
     result = evaluate(model, test_loader, num_classes=num_classes, tta=tta)

@@ -21,18 +21,26 @@ SCHEDULES = ("onecycle", "cosine", "multistep", "plateau", "linear", "constant")
 # -----------------------------------------------------------------------------
 # optimizer
 
+# Optimizers with a fused implementation. A fused optimizer takes the GradScaler's scale and
+# overflow flag as device tensors and skips an overflowed step on the device; for any other
+# optimizer GradScaler.step() reads the flag on the host, i.e. waits for the GPU every step.
+FUSED = ("sgd", "adam", "adamw")
+
+
 def build_optimizer(params, recipe) -> torch.optim.Optimizer:
     """The recipe's optimizer over ``params``. Weight decay applies to every parameter, as the
-    reports do (none of them exempts BatchNorm or biases)."""
+    reports do (none of them exempts BatchNorm or biases). SGD, Adam and AdamW are the fused
+    implementations (one kernel for all parameters, and no host sync under a GradScaler);
+    they need every parameter on one floating-point device type, which a model always has."""
     params = [p for p in params if p.requires_grad]
     name, lr, wd = recipe.optimizer.lower(), recipe.lr, recipe.weight_decay
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=wd,
-                               nesterov=bool(recipe.nesterov and recipe.momentum > 0))
+                               nesterov=bool(recipe.nesterov and recipe.momentum > 0), fused=True)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd)
+        return torch.optim.Adam(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd, fused=True)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd, fused=True)
     if name == "adadelta":
         return torch.optim.Adadelta(params, lr=lr, weight_decay=wd)
     raise UserError(f"unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -231,28 +239,52 @@ class ModelPerturbation:
 # EMA of the weights
 
 class EMA:
-    """An exponential moving average of the weights, evaluated instead of the raw model.
+    """An exponential moving average of ``model``'s weights, evaluated instead of the raw model.
 
     BatchNorm running statistics are averaged with the same decay as the weights: the
     statistics of the current weights do not describe the averaged weights' activations
     (early in a run the two differ a lot), while the averaged statistics roughly do. Integer
-    buffers (num_batches_tracked) are copied."""
+    buffers (num_batches_tracked) are copied.
+
+    Warm-up (``update(step=...)``): the decay used at optimizer step t is
+    min(decay, (1 + t) / (10 + t)). Without it the average starts from the random
+    initialisation and keeps decay**t of it: after 40 steps at decay 0.98 that is 45%, and an
+    average of random and trained weights predicts nothing (a short run measured 10.0% test
+    accuracy with EMA while its raw weights scored 100%). With it, the average follows the raw
+    weights closely at first and settles to ``decay`` after a few hundred steps (t = 490 for
+    0.98), so long runs are unchanged and short ones evaluate what they learned.
+
+    One update is two multi-tensor ops (all floating-point tensors lerp at once, the integer
+    ones are copied), not a kernel per tensor; the tensor lists are built once."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = float(decay)
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._source = model
+        self._pairs = self._tensor_lists(model)
+
+    def _tensor_lists(self, model: nn.Module):
+        mine = [*self.model.parameters(), *self.model.buffers()]
+        theirs = [*(p.detach() for p in model.parameters()), *model.buffers()]
+        floats = [(e, s) for e, s in zip(mine, theirs) if e.is_floating_point()]
+        ints = [(e, s) for e, s in zip(mine, theirs) if not e.is_floating_point()]
+        return ([e for e, _ in floats], [s for _, s in floats]), ([e for e, _ in ints], [s for _, s in ints])
+
+    def decay_at(self, step: int | None) -> float:
+        return self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            if e.is_floating_point():
-                e.lerp_(b, 1 - self.decay)
-            else:
-                e.copy_(b)
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Move the average towards ``model`` (the one it was made from, normally); ``step``
+        (the optimizer step just taken, from 0) switches on the warm-up."""
+        pairs = self._pairs if model is self._source else self._tensor_lists(model)
+        (ema_f, src_f), (ema_i, src_i) = pairs
+        if ema_f:
+            torch._foreach_lerp_(ema_f, src_f, 1.0 - self.decay_at(step))
+        if ema_i:
+            torch._foreach_copy_(ema_i, src_i)
 
     def state_dict(self) -> dict:
         return self.model.state_dict()

@@ -202,7 +202,7 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
     step (and the others are not): optimizer kind, lr from the schedule, Lookahead, model
     perturbation, EMA, clipping, label smoothing, and the augmentation handed to the loader."""
     import beton_data
-    import fastcifar.train as T
+    import fastcifar.step as S
     from fastcifar.train import train
 
     calls = collections.Counter()
@@ -215,13 +215,13 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
             return real(*a, **k)
         monkeypatch.setattr(owner, attr, wrapper)
 
-    spy(T, "clip_gradients", "clip")
-    spy(T.ModelPerturbation, "perturb", "perturb")
-    spy(T.Lookahead, "step", "lookahead")
-    spy(T.EMA, "update", "ema")
+    spy(S, "clip_gradients", "clip")
+    spy(S.ModelPerturbation, "perturb", "perturb")
+    spy(S.Lookahead, "step", "lookahead")
+    spy(S.EMA, "update", "ema")
     smoothing, augs = [], []
-    real_ce, real_loader = T.F.cross_entropy, beton_data.make_loader
-    monkeypatch.setattr(T.F, "cross_entropy", lambda *a, **k: smoothing.append(k.get("label_smoothing"))
+    real_ce, real_loader = S.F.cross_entropy, beton_data.make_loader
+    monkeypatch.setattr(S.F, "cross_entropy", lambda *a, **k: smoothing.append(k.get("label_smoothing"))
                         or real_ce(*a, **k))
     monkeypatch.setattr(beton_data, "make_loader", lambda *a, **k: augs.append(k.get("aug")) or real_loader(*a, **k))
 

@@ -127,5 +127,6 @@ FAST = Recipe(
     notes="Own design for the speedrun; accuracy and time against airbench94 not yet measured.",
 )
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
-                 freeze_bn_weight: bool = True) -> nn.Module:
-    return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight)
+                 freeze_bn_weight: bool = True, num_classes: int = 10) -> nn.Module:
+    return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
+                       num_classes=num_classes)

@@ -1,0 +1,103 @@
+"""One training step, and the optimisation state it drives.
+
+    step = TrainStep(net, model, recipe, precision="fp16", device_type="cuda",
+                     steps_per_epoch=97, total_steps=97 * 24)
+    loss, logits = step(images, labels, step_index)     # forward, backward, optimizer, EMA
+    checkpoint.update(step.state_dict())                 # everything an exact resume needs
+
+`fastcifar train` and bench/bench_train.py run this same step. Per step it does, in order:
+learning rate from the schedule -> forward under autocast -> label-smoothed cross-entropy ->
+backward through the GradScaler -> (adversarial model perturbation: a second backward at the
+perturbed weights) -> (clipping) -> optimizer step -> (Lookahead) -> (EMA).
+
+It never waits for the GPU: the returned loss and logits stay on the device, the GradScaler's
+overflow check stays on the device (the fused optimizers take it as a tensor; see
+optim.FUSED), and EMA is one multi-tensor update. The caller decides when to synchronise.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from fastcifar.optim import EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer, clip_gradients, set_lr
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class TrainStep:
+    """The recipe's optimisation of ``model`` (the raw module), run through ``net`` (the same
+    module compiled and/or wrapped in DDP)."""
+
+    def __init__(self, net, model: torch.nn.Module, recipe, precision: str, device_type: str,
+                 steps_per_epoch: int, total_steps: int):
+        self.net, self.model, self.recipe = net, model, recipe
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, recipe)
+        self.schedule = LRSchedule(recipe, steps_per_epoch, total_steps)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
+        self.lookahead = (Lookahead(self.params, recipe.lookahead_k, recipe.lookahead_alpha)
+                          if recipe.lookahead_k > 0 else None)
+        self.perturb = (ModelPerturbation(self.params, list(model.buffers()), recipe.amp_epsilon,
+                                          recipe.amp_inner_lr, recipe.amp_inner_iters)
+                        if recipe.amp_epsilon > 0 else None)
+        self.ema = EMA(model, recipe.ema) if recipe.ema > 0 else None
+        self.clip = recipe.grad_clip_norm is not None or recipe.grad_clip_value is not None
+        dtype = PRECISIONS[precision]
+        self.autocast = (contextlib.nullcontext if precision == "fp32"
+                         else lambda: torch.autocast(device_type, dtype=dtype))
+
+    @property
+    def averaged(self) -> torch.nn.Module | None:
+        """The EMA weights (the run's result when the recipe keeps an average), or None."""
+        return self.ema.model if self.ema is not None else None
+
+    def _forward_backward(self, images, labels):
+        with self.autocast():
+            logits = self.net(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
+        self.scaler.scale(loss).backward()
+        return loss, logits
+
+    def __call__(self, images, labels, step_index: int):
+        """One optimizer step on a batch; returns (loss, logits) of the unperturbed weights,
+        detached and still on the device."""
+        optimizer = self.optimizer
+        set_lr(optimizer, self.schedule(step_index))
+        optimizer.zero_grad(set_to_none=True)
+        loss, logits = self._forward_backward(images, labels)
+        if self.perturb is not None:   # gradient at the adversarially perturbed weights (optim.py)
+            def regrad():
+                optimizer.zero_grad(set_to_none=True)
+                self._forward_backward(images, labels)
+            self.perturb.perturb(regrad)
+            regrad()
+            self.perturb.restore()
+        if self.clip:
+            self.scaler.unscale_(optimizer)
+            clip_gradients(self.params, self.recipe)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        if self.lookahead is not None:
+            self.lookahead.step()
+        if self.ema is not None:
+            self.ema.update(self.model, step=step_index)
+        return loss.detach(), logits.detach()
+
+    # --- checkpointing ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "schedule": self.schedule.state_dict(),
+                "lookahead": self.lookahead.state_dict() if self.lookahead else None,
+                "ema": self.ema.state_dict() if self.ema else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.lookahead:
+            self.lookahead.load_state_dict(state["lookahead"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
