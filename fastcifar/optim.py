@@ -35,8 +35,17 @@ def build_optimizer(params, recipe) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     name, lr, wd = recipe.optimizer.lower(), recipe.lr, recipe.weight_decay
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=wd,
-                               nesterov=bool(recipe.nesterov and recipe.momentum > 0), fused=True)
+        sgd = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, weight_decay=wd,
+                              nesterov=bool(recipe.nesterov and recipe.momentum > 0), fused=True)
+        if recipe.momentum > 0:
+            # Fused SGD's first step allocates its momentum buffers uninitialised and relies on
+            # the kernel to fill them; when the GradScaler skips that step (an fp16 overflow,
+            # routine at the first steps) the kernel returns early and the next step reads
+            # garbage. Zero buffers make every step a regular one, and with dampening 0 (the
+            # default, and what the recipes use) momentum * 0 + g is exactly the first-step g.
+            for p in params:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(recipe.betas), weight_decay=wd, fused=True)
     if name == "adamw":
