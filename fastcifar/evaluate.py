@@ -55,30 +55,29 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
     With several processes each one evaluates its shard of the test set and the sums are
     all-reduced, so every rank returns the same figures.
 
-    A last batch smaller than the first is padded to the same size (its extra rows are
-    ignored): a compiled model then sees one input shape, and compiles once, not again for the
-    remainder of the test set. In eval mode every image's output depends on that image alone,
-    so the padding changes nothing else."""
+    Every batch is copied into one buffer the size of the first, the last (smaller) one padded
+    with zeros whose outputs are ignored: a compiled model then sees one kind of input and
+    compiles once -- a shorter last batch would be a new shape, and even a padded copy would
+    differ from the loaders' batches, which are views, in what dynamo guards on. In eval mode
+    every image's output depends on that image alone, so the padding changes nothing else."""
     info = info or dist.DistInfo()
     was_training = model.training
     model.eval()
     device = None
     loss_sum = None
     confusion = None
-    full = None
+    buffer = None
     ctx = autocast if autocast is not None else contextlib.nullcontext
     for images, labels in loader:
         n = labels.shape[0]
         if device is None:
-            device, full = labels.device, images
+            device, buffer = labels.device, torch.empty_like(images)   # same layout as the batches
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-        if n < full.shape[0]:
-            padded = torch.zeros_like(full)     # same shape, dtype and memory format
-            padded[:n] = images
-            images = padded
+        buffer[:n].copy_(images)
+        buffer[n:].zero_()
         with ctx():
-            logits = tta_logits(model, images, tta)[:n]
+            logits = tta_logits(model, buffer, tta)[:n]
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         pred = logits.argmax(1)
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
