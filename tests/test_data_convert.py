@@ -29,6 +29,12 @@ PER_BATCH = 6        # images per pickled batch: 30 train, 6 test
 PER_CLASS = {"train": 2, "test": 1}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Downloads and the digest cache of each test in its own folder, never the user's."""
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
+
+
 # ---- synthetic sources ----------------------------------------------------------------------------
 
 def _images(rng, n):
@@ -410,6 +416,44 @@ def test_killed_convert_leaves_previous_output_and_stale_temp_is_cleaned(tmp_pat
     convert(str(b), out)                       # the next run cleans up and converts
     assert no_temporaries(tmp_path) == []
     assert_output(out, exp_b)
+
+
+def test_damaged_or_older_output_is_converted_again(tmp_path, two_sources, capsys):
+    (src, expected), _ = two_sources
+    out = tmp_path / "out"
+    convert(str(src), out)
+    data = bytearray((out / "test.beton").read_bytes())
+    data[-5000] ^= 1                                    # a flipped bit: only the checksum sees it
+    (out / "test.beton").write_bytes(bytes(data))
+    capsys.readouterr()
+    convert(str(src), out)                              # no --force needed
+    text = capsys.readouterr().out
+    assert "test.beton: its contents do not match the SHA-256" in text and "converting again" in text
+    assert "nothing to do" not in text
+    assert_output(out, expected)
+    # a manifest of the previous format (no sizes or checksums): converted again
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(format_version=1, files={s: r["name"] for s, r in m["files"].items()})
+    (out / "manifest.json").write_text(json.dumps(m))
+    convert(str(src), out)
+    assert "converted" in capsys.readouterr().out
+    assert_output(out, expected)
+    # a manifest that is not JSON: said, and converted again
+    (out / "manifest.json").write_text("{")
+    convert(str(src), out)
+    assert "damaged manifest" in capsys.readouterr().out
+    assert_output(out, expected)
+
+
+def test_data_identity_is_the_datas_not_the_sources(tmp_path):
+    from beton_data import read_manifest
+    folder, _ = make_image_folder(tmp_path / "src", np.random.default_rng(23))
+    convert(str(folder), tmp_path / "a")
+    convert(str(tar_gz(folder, tmp_path / "src.tar.gz")), tmp_path / "b")
+    a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert a.source_sha256 != b.source_sha256 and a.identity == b.identity and len(a.identity) == 64
+    other, _ = make_image_folder(tmp_path / "other", np.random.default_rng(24))
+    assert convert(str(other), tmp_path / "c").identity != a.identity
 
 
 # ---- the CLI ------------------------------------------------------------------------------------------
