@@ -44,9 +44,10 @@ def inspect(path, aug: AugConfig, aug_label: str = "", out=None, samples: int = 
     out = Path(out) if out is not None else default_out
     check_writable(out.parent, "the sample grid (--out)")
 
+    # every file first: a damaged one is refused before anything is printed about the others
+    checks = [check_beton(beton, verify=bool(verify), say=say) for beton in betons]
     grid_source = None
-    for beton in betons:
-        checked = check_beton(beton, verify=bool(verify))
+    for beton, checked in zip(betons, checks):
         images, labels = read_beton(beton)
         say(f"{beton}: {len(labels):,} images")
         if verify:

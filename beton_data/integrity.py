@@ -171,7 +171,7 @@ def file_sha256(path: str | Path, refresh: bool = False, say=None) -> str:
     if not refresh and isinstance(entry, dict) and entry.get("stamp") == stamp and entry.get("sha256"):
         return entry["sha256"]
     if say is not None:
-        say(f"checking {path} against its SHA-256 ({stamp[0] / 1e6:.0f} MB, once per new file)")
+        say(f"computing the SHA-256 of {path} ({stamp[0] / 1e6:.0f} MB)")
     sha = file_digest(path)
     remember_sha256(path, sha, stamp)
     return sha

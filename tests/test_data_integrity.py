@@ -171,16 +171,18 @@ def test_cut_files_are_refused_by_every_reader(tmp_path, pristine, manifest):
             check_data(folder, say=lambda *a: None)
 
 
-def test_cli_inspect_and_eval_paths_refuse_a_cut_file(tmp_path, pristine):
+def test_cli_inspect_refuses_a_cut_file_before_printing_anything(tmp_path, pristine):
     folder = make_folder(tmp_path / "data", pristine)
     data = pristine["test"][0]
     (folder / "test.beton").write_bytes(data[:-3])
-    r = subprocess.run([sys.executable, "-m", "fastcifar.cli", "inspect", str(folder / "test.beton")], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
-    assert "test.beton" in r.stderr and "truncated" in r.stderr
-    # what to do: the exact convert command, from the manifest
-    assert f"fastcifar convert --source /x/cifar.tar.gz --out {folder}" in r.stderr
+    for target in (folder / "test.beton", folder):
+        r = subprocess.run([sys.executable, "-m", "fastcifar.cli", "inspect", str(target)], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.strip().count("\n") == 0, r.stderr
+        assert "test.beton" in r.stderr and "truncated" in r.stderr
+        # what to do: the exact convert command, from the manifest
+        assert f"fastcifar convert --source /x/cifar.tar.gz --out {folder}" in r.stderr
+        assert r.stdout == ""          # refused before anything was said about the intact train.beton
 
 
 def _flip(data: bytes, at: int, mask: int = 0xFF) -> bytes:
