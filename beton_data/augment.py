@@ -43,10 +43,11 @@ STREAM_FLIP, STREAM_DY, STREAM_DX, STREAM_CY, STREAM_CX = 1, 2, 3, 4, 5
 
 @dataclass
 class AugConfig:
-    """Training augmentation. Defaults are the usual CIFAR-10 recipe (flip + 4-pixel translate)."""
-    flip: bool = True
-    translate: int = 4       # p: offsets uniform in -p..p
-    cutout: int = 0          # c: side of the filled square; 0 = off
+    """Training augmentation. flip, translate and cutout have no defaults here: what a run
+    trains with is its recipe's, so build one with `from_recipe` (or `none()`)."""
+    flip: bool
+    translate: int           # p: offsets uniform in -p..p
+    cutout: int              # c: side of the filled square; 0 = off
     pad_mode: str = "reflect"  # or "zeros"
 
     def __post_init__(self):
@@ -61,6 +62,20 @@ class AugConfig:
     @classmethod
     def none(cls) -> "AugConfig":
         return cls(flip=False, translate=0, cutout=0)
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "AugConfig":
+        """The augmentation of any object with `flip`, `translate` and `cutout` attributes (a
+        fastcifar Recipe; `pad_mode` too if it has one)."""
+        return cls(flip=recipe.flip, translate=recipe.translate, cutout=recipe.cutout,
+                   pad_mode=getattr(recipe, "pad_mode", "reflect"))
+
+    def describe(self) -> str:
+        """e.g. 'flip, translate 2 (reflect padding), cutout 8' or 'none'."""
+        parts = (["flip"] if self.flip else []) + \
+                ([f"translate {self.translate} ({self.pad_mode} padding)"] if self.translate else []) + \
+                ([f"cutout {self.cutout}"] if self.cutout else [])
+        return ", ".join(parts) or "none"
 
     @property
     def active(self) -> bool:

@@ -30,6 +30,7 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from beton_data import augment as A
 from beton_data.augment import CUTOUT_FILL, AugConfig, normalize
+from beton_data.integrity import check_beton
 from beton_data.loaders import BaseLoader
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -182,13 +183,8 @@ class _GivenOrder(TraversalOrder):
 
 class FFCVLoader(BaseLoader):
     def __init__(self, path, num_workers: int | None = None, **kw):
-        from ffcv.reader import Reader
-
-        from beton_data.errors import UserError
-        try:
-            num_total = int(Reader(str(path)).num_samples)
-        except Exception as e:  # FFCV raises assorted errors on foreign or truncated files
-            raise UserError(f"{path}: not a readable FFCV .beton ({type(e).__name__}: {e})") from None
+        # FFCV's Reader trusts the file: a truncated one dies later inside a loader thread.
+        num_total = check_beton(path).num_samples
         super().__init__(path, num_total, **kw)
         self.num_workers = num_workers or len(os.sched_getaffinity(0))
         self.ops = augmentation_ops(self.aug, self.seed)

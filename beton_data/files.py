@@ -109,6 +109,12 @@ def file_digest(path: str | Path, algo: str = "sha256") -> str:
     return h.hexdigest()
 
 
+def cache_dir() -> Path:
+    """fastcifar's own cache (downloads, checksums): $FASTCIFAR_CACHE, else ~/.cache/fastcifar.
+    Kept apart from the data, which may sit in a read-only folder."""
+    return Path(os.environ.get("FASTCIFAR_CACHE") or Path.home() / ".cache" / "fastcifar")
+
+
 def check_writable(folder: str | Path, what: str) -> None:
     """UserError unless ``folder`` (or, if it does not exist yet, its nearest existing
     parent) can be written: checked before any long work starts."""

@@ -1,7 +1,7 @@
 """One interface, two loaders.
 
     loader = make_loader("gpu", "beton_data/cifar10/train.beton", batch_size=512, train=True,
-                         aug=AugConfig(cutout=12), device="cuda", dtype=torch.float16, seed=0)
+                         aug=AugConfig.from_recipe(recipe), device="cuda", dtype=torch.float16, seed=0)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for images, labels in loader:   # [B,3,32,32] channels_last, normalized; int64 labels
@@ -20,8 +20,6 @@ drop_last is on (training), the permutation is first cut to a multiple of w so t
 the same number of samples and batches; the few samples cut differ from epoch to epoch.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
@@ -57,8 +55,11 @@ class BaseLoader:
         self.path = str(path)
         self.batch_size = int(batch_size)
         self.train = bool(train)
+        if train and aug is None:
+            # No default augmentation here: it belongs to the recipe (AugConfig.from_recipe).
+            raise ValueError("a training loader needs aug= (AugConfig.from_recipe(recipe), or AugConfig.none())")
         # The test split is never augmented, whatever `aug` says.
-        self.aug = (aug if aug is not None else AugConfig()) if train else AugConfig.none()
+        self.aug = aug if train else AugConfig.none()
         self.device = torch.device(device)
         self.dtype = dtype
         self.seed = int(seed)
@@ -90,19 +91,19 @@ def make_loader(kind: str, path, batch_size: int, train: bool, aug: AugConfig | 
                 device="cpu", dtype=torch.float32, seed: int = 0, drop_last: bool | None = None,
                 rank: int = 0, world_size: int = 1, num_workers: int | None = None,
                 shuffle: bool | None = None):
-    """A loader over the .beton `path`; see the module docstring. `aug` is ignored when
-    train=False; drop_last and shuffle default to `train`; num_workers (CPU threads of the FFCV
-    loader) defaults to the CPUs this process may use and is ignored by the GPU loader."""
+    """A loader over the .beton `path`; see the module docstring. `aug` (required when
+    train=True) is ignored when train=False; drop_last and shuffle default to `train`;
+    num_workers (CPU threads of the FFCV loader) defaults to the CPUs this process may use and is
+    ignored by the GPU loader. A missing, damaged or foreign file is refused (UserError) before
+    anything is read from it: integrity.check_beton, structure and size."""
     from beton_data.errors import UserError
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such .beton file; create it with `fastcifar convert`")
     args = dict(path=path, batch_size=batch_size, train=train, aug=aug, device=device, dtype=dtype,
                 seed=seed, drop_last=drop_last, rank=rank, world_size=world_size, shuffle=shuffle)
+    if kind not in KINDS:
+        raise UserError(f"unknown loader kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "gpu":
         from beton_data.gpu_loader import GPULoader
         return GPULoader(**args)
-    if kind == "ffcv":
-        from beton_data.ffcv_loader import FFCVLoader
-        return FFCVLoader(num_workers=num_workers, **args)
-    raise UserError(f"unknown loader kind {kind!r}; choose one of {', '.join(KINDS)}")
+    from beton_data.ffcv_loader import FFCVLoader
+    return FFCVLoader(num_workers=num_workers, **args)

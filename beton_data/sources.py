@@ -11,15 +11,17 @@ problem raises UserError naming the file (and index) at fault.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import os
 import pickle
 import re
+import signal
 import tarfile
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -27,6 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from beton_data.errors import UserError
+from beton_data.files import (atomic_path, cache_dir, check_writable, file_digest,
+                              remove_stale_temporaries)
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -48,44 +52,28 @@ class Dataset:
     sha256: str
     lossy: bool = False
     classes: tuple = CLASSES
-    notes: list = field(default_factory=list)
 
 
 # ---- locating the source ------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FASTCIFAR_CACHE") or Path.home() / ".cache" / "fastcifar")
-
-
-def file_digest(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def download(url: str = CIFAR_URL, md5: str = CIFAR_MD5, cache: Path | None = None) -> Path:
     """The official archive from the cache, downloading it first if needed; MD5-checked."""
     cache = Path(cache) if cache is not None else cache_dir()
     target = cache / url.rsplit("/", 1)[-1]
     if not target.exists():
+        check_writable(cache, "the download cache (FASTCIFAR_CACHE)")
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part-{os.getpid()}")
+        remove_stale_temporaries(cache, target.name)   # a download that was killed
         try:
-            with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
                 total = int(r.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
                         f.write(chunk)
                         bar.update(len(chunk))
-            os.replace(tmp, target)
         except OSError as e:  # URLError, timeouts and HTTP errors are all OSErrors
             raise UserError(f"cannot download {url} ({getattr(e, 'reason', e)}); download it elsewhere and "
                             f"run `fastcifar convert --source path/to/{target.name}`") from None
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     got = file_digest(target, "md5")
     if got != md5:
         raise UserError(f"{target}: MD5 {got} does not match the expected {md5}; "
@@ -284,7 +272,9 @@ def _decode_images(images: dict, where: str) -> dict:
     chunk_size = DECODE_CHUNK
     n_total = sum(len(v) for v in images.values())
     workers = min(len(os.sched_getaffinity(0)), 8)
-    pool = get_context("fork").Pool(max(workers, 2)) if n_total >= POOL_MIN_IMAGES else None
+    pool = None
+    if n_total >= POOL_MIN_IMAGES:
+        pool = get_context("fork").Pool(max(workers, 2), initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         with tqdm(total=n_total, desc="decode images", unit=" img") as bar:
             for split in SPLITS:
@@ -306,3 +296,17 @@ def _decode_images(images: dict, where: str) -> dict:
         if pool:
             pool.terminate()
     return splits
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Decoding-process initializer: ask the kernel to SIGKILL this process when its parent
+    dies. Without it, a convert killed with SIGKILL leaves its pool's processes waiting for
+    work forever (nothing closes the pipe they read). Linux only; elsewhere a no-op."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    PR_SET_PDEATHSIG = 1
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:   # the parent died before the request took effect
+        os._exit(1)

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from beton_data import DEFAULT_DATA_DIR
 from fastcifar.errors import UserError
 
 app = typer.Typer(
@@ -41,12 +42,14 @@ def convert(
              "tree (train/<class>/*, test/<class>/*) as a folder, .tar or .tar.gz. "
              "Default: download the official archive (MD5-checked, cached in ~/.cache/fastcifar "
              "or $FASTCIFAR_CACHE); offline, download it elsewhere and pass its path here."),
-    out: Path = typer.Option(DEFAULT_DATA, "--out", "-o", help="Folder for train.beton, test.beton, manifest.json."),
-    force: bool = typer.Option(False, "--force", help="Convert again even if OUT already holds this source."),
+    out: Path = typer.Option(DEFAULT_DATA_DIR, "--out", "-o", help="Folder for train.beton, test.beton, manifest.json."),
+    force: bool = typer.Option(False, "--force", help="Convert again even if OUT already holds this source, intact."),
 ):
     """Convert CIFAR-10 to FFCV .beton files (raw RGB images, integer labels).
 
-    Writes OUT/train.beton, OUT/test.beton and OUT/manifest.json (source, checksum, counts per class) in one step: an interrupted run leaves the previous output as it was. Running again on the same source does nothing unless --force.
+    Writes OUT/train.beton, OUT/test.beton and OUT/manifest.json (source and its checksum, counts per class, and each file's size and SHA-256, which every reader checks) in one step: an interrupted or killed run leaves the previous output as it was, and no process behind.
+
+    Running again on the same source does nothing while OUT is intact (damaged output is converted again), unless --force. A second convert into the same OUT waits for the first. OUT's location must be writable; that is checked before the source is read.
     """
     from beton_data.convert import convert as run
 
@@ -55,17 +58,25 @@ def convert(
 
 @app.command()
 def inspect(
-    path: Path = typer.Argument(DEFAULT_DATA, help="A .beton file or a folder written by `convert`."),
+    path: Path = typer.Argument(DEFAULT_DATA_DIR, help="A .beton file or a folder written by `convert`."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG grid to write (default: next to the data)."),
     samples: int = typer.Option(8, "--samples", "-n", help="Images per class in the grid."),
+    model: str = typer.Option("resnet_2111", "--model", "-m", help="Zoo model whose recipe's augmentation the grid shows."),
+    recipe: str = typer.Option("fast", "--recipe", help="That model's `fast` or `report` recipe."),
+    verify: bool = typer.Option(False, "--verify", help="Also hash every file and compare it with the SHA-256 in its manifest."),
 ):
     """Counts per class, pixel statistics, and a grid of samples with and without augmentation.
 
-    The grid shows, per class, the first images as stored (left) and as training sees them with the default augmentation (right: flip + 4-pixel reflect-padded translate).
-    """
-    from beton_data.inspect import inspect as run
+    The grid shows, per class, the first images as stored (left) and as training sees them (right): with the augmentation of --model's --recipe (default: resnet_2111's fast recipe), exactly as both loaders produce it.
 
-    run(path=path, out=out, samples=samples)
+    Every file is checked first: a truncated, damaged or foreign .beton is refused. Its structure and size are always checked; --verify also compares its SHA-256 with the one `convert` recorded (training does that once per new file).
+    """
+    from beton_data.augment import AugConfig
+    from beton_data.inspect import inspect as run
+    from fastcifar.models import get_recipe
+
+    aug = AugConfig.from_recipe(get_recipe(model, recipe))
+    run(path=path, aug=aug, aug_label=f"{model}'s {recipe} recipe", out=out, samples=samples, verify=verify)
 
 
 @app.command()

@@ -18,13 +18,21 @@ from PIL import Image
 
 from beton_data import read_beton, write_beton
 from beton_data import sources
+from beton_data.augment import AugConfig
 from beton_data.convert import convert
+from beton_data.files import file_digest
 from beton_data.sources import CLASSES
 from fastcifar.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_BATCH = 6        # images per pickled batch: 30 train, 6 test
 PER_CLASS = {"train": 2, "test": 1}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Downloads and the digest cache of each test in its own folder, never the user's."""
+    monkeypatch.setenv("FASTCIFAR_CACHE", str(tmp_path / "cache"))
 
 
 # ---- synthetic sources ----------------------------------------------------------------------------
@@ -85,12 +93,16 @@ def assert_output(out: Path, expected: dict):
         np.testing.assert_array_equal(got_ims, ims)
         np.testing.assert_array_equal(got_labels, labels)
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["classes"] == list(CLASSES)
+    assert m["format_version"] == 2 and m["classes"] == list(CLASSES)
     for split, (ims, labels) in expected.items():
         assert m["splits"][split]["count"] == len(labels)
         assert sum(m["splits"][split]["per_class"].values()) == len(labels)
         assert m["splits"][split]["per_class"]["airplane"] == int(np.sum(labels == 0))
     assert len(m["source_sha256"]) == 64
+    for split in expected:
+        record = m["files"][split]
+        path = out / record["name"]
+        assert record["size"] == path.stat().st_size and record["sha256"] == file_digest(path)
     return m
 
 
@@ -137,7 +149,7 @@ def test_cifar_python_archive_and_folder_exact(tmp_path):
     convert(str(archive), tmp_path / "a")
     m = assert_output(tmp_path / "a", expected)
     assert m["source_kind"] == "cifar-python-archive" and m["lossy_source"] is False
-    assert m["source_sha256"] == sources.file_digest(archive, "sha256")
+    assert m["source_sha256"] == file_digest(archive, "sha256")
 
     convert(str(folder), tmp_path / "b")
     m = assert_output(tmp_path / "b", expected)
@@ -173,13 +185,13 @@ def test_image_folder_natural_file_order_and_plain_tar(tmp_path):
     ims, labels = read_beton(tmp_path / "out" / "train.beton")
     np.testing.assert_array_equal(ims, np.stack([per_file[("train", k)] for k in (1, 2, 10)]))
     assert list(labels) == [3, 3, 3]
-    assert m["splits"]["train"]["per_class"]["cat"] == 3 and m["splits"]["train"]["per_class"]["dog"] == 0
+    assert m.splits["train"]["per_class"]["cat"] == 3 and m.splits["train"]["per_class"]["dog"] == 0
 
 
 def test_jpeg_folder_is_marked_lossy(tmp_path):
     folder, expected = make_image_folder(tmp_path / "src", np.random.default_rng(4), ext="jpg")
     m = convert(str(folder), tmp_path / "out")
-    assert m["lossy_source"] is True
+    assert m.lossy_source is True
     ims, labels = read_beton(tmp_path / "out" / "train.beton")
     np.testing.assert_array_equal(labels, expected["train"][1])
     assert ims.shape == expected["train"][0].shape
@@ -208,7 +220,7 @@ def test_download_md5_mismatch_and_cache(tmp_path):
     cached = cache / "cifar-10-python.tar.gz"
     assert cached.read_bytes() == b"not the real archive"
     fake.unlink()
-    md5 = sources.file_digest(cached, "md5")
+    md5 = file_digest(cached, "md5")
     assert sources.download(url=fake.as_uri(), md5=md5, cache=cache) == cached
     assert [p.name for p in cache.iterdir()] == ["cifar-10-python.tar.gz"]   # no partial files
 
@@ -406,6 +418,44 @@ def test_killed_convert_leaves_previous_output_and_stale_temp_is_cleaned(tmp_pat
     assert_output(out, exp_b)
 
 
+def test_damaged_or_older_output_is_converted_again(tmp_path, two_sources, capsys):
+    (src, expected), _ = two_sources
+    out = tmp_path / "out"
+    convert(str(src), out)
+    data = bytearray((out / "test.beton").read_bytes())
+    data[-5000] ^= 1                                    # a flipped bit: only the checksum sees it
+    (out / "test.beton").write_bytes(bytes(data))
+    capsys.readouterr()
+    convert(str(src), out)                              # no --force needed
+    text = capsys.readouterr().out
+    assert "test.beton: its contents do not match the SHA-256" in text and "converting again" in text
+    assert "nothing to do" not in text
+    assert_output(out, expected)
+    # a manifest of the previous format (no sizes or checksums): converted again
+    m = json.loads((out / "manifest.json").read_text())
+    m.update(format_version=1, files={s: r["name"] for s, r in m["files"].items()})
+    (out / "manifest.json").write_text(json.dumps(m))
+    convert(str(src), out)
+    assert "converted" in capsys.readouterr().out
+    assert_output(out, expected)
+    # a manifest that is not JSON: said, and converted again
+    (out / "manifest.json").write_text("{")
+    convert(str(src), out)
+    assert "damaged manifest" in capsys.readouterr().out
+    assert_output(out, expected)
+
+
+def test_data_identity_is_the_datas_not_the_sources(tmp_path):
+    from beton_data import read_manifest
+    folder, _ = make_image_folder(tmp_path / "src", np.random.default_rng(23))
+    convert(str(folder), tmp_path / "a")
+    convert(str(tar_gz(folder, tmp_path / "src.tar.gz")), tmp_path / "b")
+    a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
+    assert a.source_sha256 != b.source_sha256 and a.identity == b.identity and len(a.identity) == 64
+    other, _ = make_image_folder(tmp_path / "other", np.random.default_rng(24))
+    assert convert(str(other), tmp_path / "c").identity != a.identity
+
+
 # ---- the CLI ------------------------------------------------------------------------------------------
 
 def _cli(*args):
@@ -439,7 +489,7 @@ def test_inspect_prints_exact_counts_and_stats(tmp_path, capsys):
     rng = np.random.default_rng(30)
     ims, labels = _images(rng, 40), np.repeat(np.arange(4), 10)
     write_beton(tmp_path / "x.beton", ims, labels)
-    png = inspect(tmp_path / "x.beton", samples=2)
+    png = inspect(tmp_path / "x.beton", aug=AugConfig(flip=True, translate=4, cutout=0), samples=2)
     text = capsys.readouterr().out
     assert png == tmp_path / "x_inspect.png" and png.is_file()
     mean = ims.reshape(-1, 3).mean(0)

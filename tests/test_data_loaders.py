@@ -140,12 +140,12 @@ def decode_coords(out: np.ndarray, p: int):
 @pytest.mark.parametrize("kind", KINDS)
 def test_augmentation_statistics(kind, coord_beton):
     p, c = 4, 8
-    ld = loader(kind, coord_beton, batch_size=100, train=True, aug=AugConfig(translate=p, cutout=c), seed=3)
+    ld = loader(kind, coord_beton, batch_size=100, train=True, aug=AugConfig(flip=True, translate=p, cutout=c), seed=3)
     flips, dys, dxs, holes = [], [], [], []
     for epoch in (0, 1):
         images, idx = cat(epoch_batches(ld, epoch))
         f, dy, dx, hole = decode_coords(to_uint8(images), p)
-        d = draws(3, epoch, idx.numpy(), AugConfig(translate=p, cutout=c))
+        d = draws(3, epoch, idx.numpy(), AugConfig(flip=True, translate=p, cutout=c))
         # What the pixels show is exactly what the hash drew.
         np.testing.assert_array_equal(f, d["flip"])
         np.testing.assert_array_equal(dy, d["dy"])
@@ -176,10 +176,10 @@ def test_padding_modes(kind, coord_beton):
     p = 4
     for mode in ("zeros", "reflect"):
         ld = loader(kind, coord_beton, batch_size=200, train=True,
-                    aug=AugConfig(flip=False, translate=p, pad_mode=mode), seed=5)
+                    aug=AugConfig(flip=False, translate=p, cutout=0, pad_mode=mode), seed=5)
         images, idx = next(iter(ld))
         out = to_uint8(images)
-        d = draws(5, ld.epoch - 1, idx.numpy(), AugConfig(translate=p))
+        d = draws(5, ld.epoch - 1, idx.numpy(), AugConfig(flip=False, translate=p, cutout=0))
         for b in range(len(out)):
             rows = np.arange(32) + d["dy"][b]
             cols = np.arange(32) + d["dx"][b]
@@ -270,7 +270,7 @@ def test_uneven_sharding():
 
 
 def test_reference_draw_ranges():
-    aug = AugConfig(translate=2, cutout=4)
+    aug = AugConfig(flip=True, translate=2, cutout=4)
     d = draws(0, 0, np.arange(20000), aug)
     assert set(d["dy"]) == set(d["dx"]) == {-2, -1, 0, 1, 2}
     assert set(d["cy"]) == set(d["cx"]) == set(range(32)) and set(d["flip"]) == {0, 1}
@@ -290,9 +290,9 @@ def test_bad_arguments(random_beton, tmp_path):
         with pytest.raises(UserError, match="junk.beton"):
             make_loader(kind, tmp_path / "junk.beton", batch_size=8, train=True)
     with pytest.raises(ValueError):
-        AugConfig(pad_mode="edge")
+        AugConfig(flip=True, translate=4, cutout=0, pad_mode="edge")
     with pytest.raises(ValueError):
-        make_loader("gpu", path, batch_size=8, train=True, rank=2, world_size=2)
+        make_loader("gpu", path, batch_size=8, train=True, aug=AUG, rank=2, world_size=2)
 
 
 def test_using_ffcv_keeps_torch_threads(tmp_path):
