@@ -93,9 +93,13 @@ def test_rows_from_all_sources_deduplicated_and_sorted(tmp_path):
     pooled = rows[0]
     assert pooled["accuracy_mean"] == pytest.approx(0.955) and pooled["accuracy_std"] is not None
     md = render_markdown(rows)
-    assert ("| speedrun_net | speedrun | fast | NVIDIA H100 80GB HBM3 | cifar10-jpeg-q75 (lossy) | 94.20 ± 0.14 "
-            "| 4.20 ± 0.28 | 2 |") in md
-    assert "| resnet_2111 | train | report | cpu | cifar10-jpeg-q75 (lossy) | 90.00 | 102.00 | 1 | 2026-11-22 |" in md
+    # the speedrun row: mean ± std, the 95% CI of the mean, and its comparison with the same
+    # invocation's baseline (accuracy better by 0.6 points: p 0.015; time worse: p 0.953)
+    assert ("| speedrun_net | speedrun | fast | — | NVIDIA H100 80GB HBM3 | cifar10-jpeg-q75 (lossy) | 94.20 ± 0.14 "
+            "| [92.93, 95.47] | 4.20 ± 0.28 | [1.66, 6.74] | 2 | 0.015 | 0.953 |  |") in md
+    # one run: the value alone, no interval, no test (the baseline has another data source)
+    assert ("| resnet_2111 | train | report | — | cpu | cifar10-jpeg-q75 (lossy) | 90.00 | — | 102.00 | — "
+            "| 1 | — | — |  | 2026-11-22 |") in md
 
 
 def _write_many(args):
