@@ -131,6 +131,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                                            world_size=summary.get("world_size", 1),
                                            bn_backend=summary["bn_backend"], loader=loader,
                                            compile=summary["compile"]))
+        rec.save()
 
         for i, s in enumerate(result["seeds"]):
             try:
