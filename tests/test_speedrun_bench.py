@@ -1,8 +1,10 @@
-"""bench/bench_train.py --dry-run (tiny CPU mode) and bench/gpu_suite.sh's argument check."""
+"""bench/bench_train.py --dry-run (tiny CPU mode), bench/bench_loaders.py's per-loader rows, and
+bench/gpu_suite.sh (its argument check and the preflight stage on the CPU)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -60,3 +62,45 @@ def test_gpu_suite_rejects_unknown_stage(tmp_path):
                        env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "unknown stage 'nonsense'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _bench_loaders():
+    spec = importlib.util.spec_from_file_location("bench_loaders", REPO / "bench" / "bench_loaders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_loaders_records_a_failing_loader_and_writes_after_each(tmp_path, monkeypatch):
+    bl = _bench_loaders()
+    out = tmp_path / "loaders.json"
+    real_make, real_time = bl.make_loader, bl.time_epochs
+    seen = []
+
+    def make_loader(kind, *args, **kwargs):
+        if kind == "ffcv":
+            raise RuntimeError("ffcv helper cannot be loaded")
+        return real_make(kind, *args, **kwargs)
+
+    def time_epochs(loader, epochs, device):  # what the file holds when the next unit starts
+        seen.append(sorted(json.loads(out.read_text())["results"]) if out.exists() else [])
+        return real_time(loader, epochs, device)
+
+    monkeypatch.setattr(bl, "make_loader", make_loader)
+    monkeypatch.setattr(bl, "time_epochs", time_epochs)
+    bl.main(["--device", "cpu", "--synthetic", "256", "--batch-size", "64", "--epochs", "1", "--workers", "1",
+             "--baseline-workers", "0", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results["ffcv_workers_1"] == {"error": "RuntimeError: ffcv helper cannot be loaded"}
+    assert results["gpu_resident"]["images_per_s_median"] > 0
+    assert results["torch_dataloader_workers_0"]["images_per_s_median"] > 0
+    assert seen == [[], ["ffcv_workers_1", "gpu_resident"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["loaders.json"]
+
+
+def test_bench_loaders_budget_skips_and_still_writes(tmp_path):
+    out = tmp_path / "loaders.json"
+    _bench_loaders().main(["--device", "cpu", "--synthetic", "256", "--batch-size", "64", "--skip", "gpu", "ffcv",
+                           "--budget-s", "-1", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == {
+        f"torch_dataloader_workers_{len(os.sched_getaffinity(0))}": {"error": "skipped: --budget-s spent"}}
