@@ -104,3 +104,43 @@ def test_bench_loaders_budget_skips_and_still_writes(tmp_path):
                            "--budget-s", "-1", "--out", str(out)])
     assert json.loads(out.read_text())["results"] == {
         f"torch_dataloader_workers_{len(os.sched_getaffinity(0))}": {"error": "skipped: --budget-s spent"}}
+
+
+def test_gpu_suite_preflight_on_cpu(tmp_path):
+    """The preflight stage runs here without a GPU: one line per check, the GPU-only ones marked
+    skipped, the Triton kernel run in the interpreter, and a missing module named in the last
+    line and the exit status (tqdm is made unimportable by a module of that name that raises)."""
+    import sys
+
+    import torch
+
+    from train_helpers import make_data
+
+    data = make_data(tmp_path / "data", n_train=64, n_test=32)
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "tqdm.py").write_text("raise ImportError('tqdm is broken here')\n")
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(tmp_path / "res"),
+           "PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "preflight"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    lines = r.stdout.splitlines()
+
+    def status(check):
+        [line] = [x for x in lines if x.split()[1:2] == [check]]
+        return line.split()[0], line
+
+    for module in ("torch", "ffcv", "ffcv.libffcv", "numba", "matplotlib", "typer", "pytest", "scipy"):
+        assert status(module)[0] in ("ok", "MISSING"), module  # every later stage's import is checked
+    assert status("tqdm") == ("MISSING", status("tqdm")[1]) and "tqdm is broken here" in status("tqdm")[1]
+    assert status("cc")[0] == "ok" and status("data")[0] == "ok"
+    if not torch.cuda.is_available():
+        assert status("cuda")[0] == "SKIPPED" and "no GPU here" in status("cuda")[1]
+        assert status("triton")[0] == "ok" and "TRITON_INTERPRET=1" in status("triton")[1]
+    [summary] = [x for x in lines if x.startswith("preflight: ")]
+    assert summary.startswith("preflight: MISSING") and "tqdm" in summary
+    assert r.returncode == 1
+    stored = json.loads((out / "preflight.json").read_text())
+    assert "tqdm" in stored["missing"] and {c["check"] for c in stored["checks"]} >= {"torch", "triton", "data"}
+    assert (out / "suite_preflight.log").read_text().count("MISSING  tqdm") == 1
