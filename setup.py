@@ -18,6 +18,7 @@ setup(
         "pillow",
         "tqdm",
         "matplotlib",
+        "scipy",        # confidence intervals and Welch tests of speedrun and leaderboard results
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["fastcifar=fastcifar.cli:main"]},

@@ -8,13 +8,14 @@ Compares, with the same augmentation (flip + translate 4 + cutout, see beton_dat
     python3 bench/bench_loaders.py --device cuda --beton beton_data/cifar10/train.beton
     python3 bench/bench_loaders.py --device cpu --synthetic 10000 --epochs 3
 
-Writes bench/results/loaders_<device kind>.json (e.g. loaders_cpu.json, loaders_cuda-h100.json).
+Writes bench/results/loaders_<device kind>.json (e.g. loaders_cpu.json, loaders_cuda-h100.json),
+atomically, after every loader configuration: a time limit keeps the configurations finished
+before it. A configuration that fails gets its error in its row and the others still run.
 On a CUDA machine the GPU loader's goal is >= 1,000,000 images/s.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from beton_data import read_beton, write_beton  # noqa: E402
 from beton_data.augment import AugConfig, augment_numpy, normalize  # noqa: E402
 from beton_data.loaders import epoch_order, make_loader  # noqa: E402
+from beton_data.files import atomic_write_json  # noqa: E402
 from fastcifar.machine import machine_info  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,7 +98,7 @@ def device_kind(device) -> str:
     return "cuda-" + (m.group(1).replace(" ", "") if m else "gpu")
 
 
-def main():
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--beton", type=Path, help="a train .beton (default: a synthetic one, see --synthetic)")
@@ -107,13 +109,27 @@ def main():
     ap.add_argument("--baseline-workers", type=int, default=None, help="torch DataLoader workers (default: CPUs)")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--skip", nargs="*", default=[], choices=["gpu", "ffcv", "torch"])
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no new loader configuration after this many seconds; the rest are recorded as skipped")
     ap.add_argument("--out", type=Path, help="JSON path (default: bench/results/loaders_<device kind>.json)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cpus = len(os.sched_getaffinity(0))
     workers = args.workers or sorted({1, cpus})
+    bw = cpus if args.baseline_workers is None else args.baseline_workers
     dtype = getattr(torch, args.dtype)
     aug = AugConfig(flip=True, translate=4, cutout=8)
+    out = args.out or RESULTS / f"loaders_{device_kind(args.device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {}
+    report = {
+        "benchmark": "loader throughput, images/s over full epochs (drop_last), median after 1 warm-up epoch",
+        "data": str(args.beton) if args.beton else f"synthetic random beton, {args.synthetic} images",
+        "batch_size": args.batch_size, "dtype": args.dtype, "augmentation": aug.as_dict(),
+        "timed_epochs": args.epochs, "machine": machine_info(args.device), "results": results,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = args.beton
         if path is None:
@@ -122,35 +138,28 @@ def main():
             write_beton(path, rng.integers(0, 256, (args.synthetic, 32, 32, 3), dtype=np.uint8),
                         rng.integers(0, 10, args.synthetic))
         common = dict(batch_size=args.batch_size, train=True, aug=aug, device=args.device, dtype=dtype)
-        results = {}
+        configs = []   # (name, how to build the loader): one unit each
         if "gpu" not in args.skip:
-            results["gpu_resident"] = time_epochs(make_loader("gpu", path, **common), args.epochs, args.device)
-            print("gpu-resident", results["gpu_resident"]["images_per_s_median"], "images/s", flush=True)
+            configs.append(("gpu_resident", lambda: make_loader("gpu", path, **common)))
         if "ffcv" not in args.skip:
-            for w in workers:
-                r = time_epochs(make_loader("ffcv", path, num_workers=w, **common), args.epochs, args.device)
-                results[f"ffcv_workers_{w}"] = r
-                print(f"ffcv workers={w}", r["images_per_s_median"], "images/s", flush=True)
+            configs += [(f"ffcv_workers_{w}", lambda w=w: make_loader("ffcv", path, num_workers=w, **common))
+                        for w in workers]
         if "torch" not in args.skip:
-            bw = cpus if args.baseline_workers is None else args.baseline_workers
-            baseline = TorchBaseline(path, args.batch_size, aug, args.device, dtype, bw)
-            results[f"torch_dataloader_workers_{bw}"] = r = time_epochs(baseline, args.epochs, args.device)
-            print(f"torch DataLoader workers={bw}", r["images_per_s_median"], "images/s", flush=True)
-
-    report = {
-        "benchmark": "loader throughput, images/s over full epochs (drop_last), median after 1 warm-up epoch",
-        "data": str(args.beton) if args.beton else f"synthetic random beton, {args.synthetic} images",
-        "batch_size": args.batch_size, "dtype": args.dtype, "augmentation": aug.as_dict(),
-        "timed_epochs": args.epochs, "machine": machine_info(args.device),
-        "results": results,
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    out = args.out or RESULTS / f"loaders_{device_kind(args.device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp_out, out)
+            configs.append((f"torch_dataloader_workers_{bw}",
+                            lambda: TorchBaseline(path, args.batch_size, aug, args.device, dtype, bw)))
+        for name, build in configs:
+            if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+                results[name] = {"error": "skipped: --budget-s spent"}
+            else:
+                try:   # one loader that fails costs its own row, not the others
+                    results[name] = time_epochs(build(), args.epochs, args.device)
+                    print(name, results[name]["images_per_s_median"], "images/s", flush=True)
+                except Exception as e:
+                    results[name] = {"error": f"{type(e).__name__}: {e}"}
+                    print(f"{name} FAILED: {results[name]['error']}", flush=True)
+            atomic_write_json(out, report)   # after every configuration: a time limit keeps the finished ones
     print(f"wrote {out}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project, in stages that each fit one ~9-minute call on a GPU node.
+# Every GPU figure of the project, in calls that each fit one ~9-minute call on a GPU node.
 #
 #   source .gpu/env.sh && export PYTHONPATH=$PWD:$PYTHONPATH && bash bench/gpu_suite.sh STAGE [ARGS]
 #
-# Stages (each starts with `env` and makes sure the data is converted):
-#   env                 versions, nvidia-smi, `import ffcv`                     -> env.json
-#   kernels             GPU tests (pytest; output in the log) + bench/bench_bn_relu.py -> bench_bn_relu.json
-#   loaders             bench/bench_loaders.py                                   -> bench_loaders.json
-#   train [MODEL...]    bench/bench_train.py (all zoo models by default)         -> bench_train.json
-#   calibrate           airbench94 alone, $CAL_RUNS runs on the JPEG copy        -> calibrate_airbench.json
+# The three calls, most valuable figures first; each starts with `preflight` (which converts
+# the data on the fresh machine) and writes its results into $OUT as it goes:
+#   call1   GPU tests (kernels incl. production shapes, compile, models), bench_bn_relu for the
+#           shapes of speedrun_net and resnet_2111, one resnet_2111 train step per BN backend
+#                                     -> preflight.json, pytest_gpu.xml, bench_bn_relu.json
+#   call2   fastcifar speedrun --model speedrun_net with airbench94 ($SPEEDRUN_RUNS: 3 on a first
+#           visit, 5 once call 2 is known to fit)   -> preflight.json, speedrun_speedrun_net.json,
+#                                                       leaderboard/ (2 entries)
+#   call3   training throughput of speedrun_net and resnet_2111 (compiled vs triton backend, GPU
+#           vs FFCV loader), then one resnet_2111 fast-recipe run to its report's accuracy
+#                                     -> preflight.json, bench_train.json, train_resnet_2111_*.json[l]
+# Finer stages (one job each, for later calls):
+#   preflight           imports, CUDA, C compiler, a tiny Triton kernel, data (converted if needed),
+#                       in <= 60 s; exits 1 naming what is missing       -> preflight.json
+#   env                 versions, nvidia-smi                             -> env.json
+#   kernels             GPU tests + bench/bench_bn_relu.py (all shapes)  -> pytest_gpu.xml, bench_bn_relu.json
+#   loaders             bench/bench_loaders.py                           -> bench_loaders.json
+#   train [MODEL...]    bench/bench_train.py (all zoo models by default) -> bench_train.json
+#   calibrate           `fastcifar calibrate`: airbench94 alone, $CAL_RUNS runs -> calibrate_airbench.json
 #   speedrun [MODEL...] `fastcifar speedrun` per model (default: speedrun_net with the baseline,
-#                       then every zoo model without it)                        -> speedrun_results.tar.gz
-#   tune                speedrun_net over EPOCHS_SWEEP, $TUNE_RUNS runs each     -> tune_speedrun_net.tar.gz
+#                       then every zoo model without it)                 -> speedrun_results.tar.gz
+#   tune                speedrun_net over EPOCHS_SWEEP, $TUNE_RUNS runs each -> tune_speedrun_net.tar.gz
 #   all                 everything above in order (needs far more than one call)
-# Every stage also writes suite_<stage>.log. Files land flat in $OUT (at most 8 per call).
-# A failing step does not stop the others; the exit status is non-zero if any step failed.
+# Every stage also writes suite_<stage>.log. Files land in $OUT (at most 8 per call). Every tool
+# rewrites its results file after each unit (a shape, a model, a loader, a seed), so a step cut
+# short by its time limit keeps what it finished. A failing step does not stop the others; the
+# exit status is non-zero if any step failed.
+#
+# Time budgets (BUDGET_S, default 540 s, is the whole call; no step starts after it and a running
+# one gets only what is left). "measured" figures name their file; the rest are estimates to be
+# replaced by the compile and run times these calls record (bench_bn_relu.json compile_s,
+# bench_train.json compile_warmup_s, the speedrun warm-up's compile_warmup_s):
+#   preflight            <= 60 s   measured on the 2-core CPU machine (no GPU, shared): 6 s with the data
+#                                  present, 16 s converting the JPEG copy; on the GPU node add CUDA
+#                                  start-up and one Triton compilation (estimate: 10-20 s)
+#   call1 GPU tests      <= 180 s  estimate (108 tests; each Triton specialisation compiles once)
+#   call1 bench_bn_relu  the rest: shapes until 240 s are left, then two compiled resnet_2111
+#                                  train steps (estimate: ~4 min with compilation)
+#   call2 speedrun       the rest  estimate: warm-up with compilation 60-120 s, 12-epoch runs 15-30 s
+#                                  each, airbench94 warm-up + runs ~5-10 s each: ~5 min for 3 seeds
+#   call3 bench_train    the rest less 200 s  estimate: 4 (model, backend) compilations ~60 s each
+#   call3 resnet_2111    <= 200 s  estimate: compilation 60-90 s + 24 epochs
 #
 # Data: .gpu/data/cifar10-jpeg-q75.tar.gz (the lossy JPEG copy: its figures are not comparable
 # with published ones; the calibrate stage measures the gap) and
@@ -25,8 +55,9 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  env|kernels|loaders|train|calibrate|speedrun|tune|all) ;;
-  *) echo "unknown stage '$stage'; choose env, kernels, loaders, train, calibrate, speedrun, tune or all" >&2; exit 2 ;;
+  call1|call2|call3|preflight|env|kernels|loaders|train|calibrate|speedrun|tune|all) ;;
+  *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, kernels, loaders, train," \
+          "calibrate, speedrun, tune or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
 GPU_DATA=${GPU_DATA:-.gpu/data}
@@ -35,13 +66,15 @@ ORIG_NPZ=${ORIG_NPZ:-$GPU_DATA/cifar10-test-original-first1017.npz}
 DATA=${DATA:-beton_data/cifar10}                 # converted .beton files (the default --data of every tool)
 RESULTS=${RESULTS:-bench/results}                # where result files are kept on this machine
 BUDGET_S=${BUDGET_S:-540}                        # stop starting new work after this many seconds
-SPEEDRUN_RUNS=${SPEEDRUN_RUNS:-5}                # timed runs for speedrun_net (and its baseline)
+SPEEDRUN_RUNS=${SPEEDRUN_RUNS:-3}                # timed runs for speedrun_net (and its baseline); 5 for a record
 ZOO_RUNS=${ZOO_RUNS:-2}                          # timed runs per zoo model
 CAL_RUNS=${CAL_RUNS:-5}
 TUNE_RUNS=${TUNE_RUNS:-3}
 EPOCHS_SWEEP=${EPOCHS_SWEEP:-"8 10 12 14"}
+TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
 EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe overrides for speedrun and tune
-GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_models.py tests/test_data_loaders.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
+HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
@@ -52,9 +85,11 @@ t_start=$SECONDS
 failed=0
 say() { echo "== [$(date -u +%H:%M:%S) +$((SECONDS - t_start))s] $*"; }
 left() { echo $((BUDGET_S - (SECONDS - t_start))); }
-# run CMD... under the remaining budget; a step that fails or runs out is reported, not fatal
+# step [--max S] CMD...: run CMD under the remaining budget (or S seconds, if less); a step that
+# fails or runs out is reported, not fatal
 step() {
   local rem; rem=$(left)
+  if [ "$1" = --max ]; then [ "$2" -lt "$rem" ] && rem=$2; shift 2; fi
   if [ "$rem" -le 10 ]; then say "SKIPPED (budget spent): $*"; failed=$((failed + 1)); return 1; fi
   say "$* (limit ${rem}s)"
   timeout --signal=TERM --kill-after=20 "$rem" "$@"
@@ -65,24 +100,30 @@ step() {
 FC="$PY -m fastcifar.cli"
 SETS=()
 for kv in $EXTRA_SET; do SETS+=(--set "$kv"); done
+NPZ=()
+[ -f "$ORIG_NPZ" ] && NPZ=(--original-npz "$ORIG_NPZ")
 zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
+
+# --- preflight: every later step's needs, one line each; the data converted if missing --------
+stage_preflight() {
+  local gpu=()
+  command -v nvidia-smi >/dev/null && { nvidia-smi -L; gpu=(--require-gpu); }
+  step --max 60 $PY bench/preflight.py --data "$DATA" --source "$JPEG_TAR" "${NPZ[@]}" "${gpu[@]}" \
+    --out "$OUT/preflight.json"
+}
+need_data() {  # nothing after this can run without the data
+  [ -f "$DATA/train.beton" ] && [ -f "$DATA/test.beton" ] || { say "no data in $DATA: stopping"; exit 1; }
+}
 
 stage_env() {
   say "environment"
   nvidia-smi || say "nvidia-smi failed"
-  # Triton (and inductor's CPU code in the tests) build C helpers at run time: a compiler is needed
-  say "C compilers: $(command -v cc gcc clang | tr '\n' ' ')"
   $PY - "$OUT/env.json" <<'EOF'
 import json, subprocess, sys
 from fastcifar.machine import machine_info, package_version
 info = machine_info()
-for pkg in ("torchvision", "opencv-python-headless"):   # the baseline's extra dependencies
+for pkg in ("torchvision", "opencv-python-headless", "scipy"):   # the baseline's and the statistics' extras
     info["versions"][pkg] = package_version(pkg)
-try:
-    import ffcv, ffcv.loader  # noqa: F401  (the compiled helper and its shared libraries)
-    info["ffcv_import"] = "ok"
-except Exception as e:
-    info["ffcv_import"] = f"{type(e).__name__}: {e}"
 try:
     info["nvidia_smi"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
 except OSError as e:
@@ -92,26 +133,22 @@ print({k: v for k, v in info.items() if k != "nvidia_smi"})
 EOF
 }
 
-ensure_data() {
-  if [ ! -f "$DATA/train.beton" ]; then
-    step $FC convert --source "$JPEG_TAR" --out "$DATA" || { say "no data, stopping"; exit 1; }
-  fi
+gpu_tests() {  # $1: time limit
+  step --max "$1" $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" $GPU_TESTS
 }
 
-stage_kernels() {
-  step $PY -m pytest -q -rs -p no:cacheprovider $GPU_TESTS
-  # bench_bn_relu writes its JSON only at the end: stop starting shapes early enough that the
-  # two compiled resnet_2111 train steps after them (~4 minutes with compilation) still fit
+bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per BN backend
+  # stop starting shapes early enough that the two compiled resnet_2111 train steps after them
+  # (~4 minutes with compilation, an estimate) still fit
   local shape_s=$(( $(left) - 240 )); [ "$shape_s" -ge 30 ] || shape_s=30
-  if [ -f bench/bench_bn_relu.py ]; then
-    step $PY bench/bench_bn_relu.py --shape-time-limit "$shape_s" --out "$OUT/bench_bn_relu.json"
-  else say "bench/bench_bn_relu.py not found: skipped"; fi
+  step $PY bench/bench_bn_relu.py --shape-time-limit "$shape_s" "$@" --out "$OUT/bench_bn_relu.json"
 }
+
+stage_kernels() { gpu_tests 240; bn_relu; }
 
 stage_loaders() {
-  if [ -f bench/bench_loaders.py ]; then
-    step $PY bench/bench_loaders.py --device cuda --beton "$DATA/train.beton" --out "$OUT/bench_loaders.json"
-  else say "bench/bench_loaders.py not found: skipped"; fi
+  step $PY bench/bench_loaders.py --device cuda --beton "$DATA/train.beton" --budget-s $(( $(left) - 60 )) \
+    --out "$OUT/bench_loaders.json"
 }
 
 stage_train() {
@@ -123,8 +160,13 @@ stage_train() {
 }
 
 stage_calibrate() {
-  step $PY -m fastcifar.baseline --data "$DATA" --runs "$CAL_RUNS" --original-npz "$ORIG_NPZ" \
-    --out "$OUT/calibrate_airbench.json"
+  step $FC calibrate --data "$DATA" --runs "$CAL_RUNS" "${NPZ[@]}" --out "$OUT/calibrate_airbench.json"
+}
+
+speedrun_one() {  # MODEL OUT_FILE: with the baseline for speedrun_net, without for zoo models
+  local m=$1 f=$2 extra=(--no-baseline --runs "$ZOO_RUNS")
+  [ "$m" = speedrun_net ] && extra=(--baseline --runs "$SPEEDRUN_RUNS")
+  step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
 }
 
 stage_speedrun() {
@@ -132,12 +174,12 @@ stage_speedrun() {
   [ ${#models[@]} -gt 0 ] || models=(speedrun_net $(zoo_models))
   local files=()
   for m in "${models[@]}"; do
-    local f="$RESULTS/speedrun_${m}_gpu.json" extra=(--no-baseline --runs "$ZOO_RUNS")
-    [ "$m" = speedrun_net ] && extra=(--baseline --runs "$SPEEDRUN_RUNS")
-    step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" --data "$DATA" --original-npz "$ORIG_NPZ" --out "$f" \
-      && files+=("$(basename "$f")")
+    local f="$RESULTS/speedrun_${m}_gpu.json"
+    speedrun_one "$m" "$f"
+    [ -f "$f" ] && files+=("$(basename "$f")")   # partial results count: the file holds every finished run
+    # re-packed after every model, so a call cut short still brings back all finished models
+    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/speedrun_results.tar.gz" -C "$RESULTS" "${files[@]}" leaderboard
   done
-  [ ${#files[@]} -gt 0 ] && tar czf "$OUT/speedrun_results.tar.gz" -C "$RESULTS" "${files[@]}" leaderboard
 }
 
 stage_tune() {
@@ -146,23 +188,50 @@ stage_tune() {
   for e in $EPOCHS_SWEEP; do
     local f="$RESULTS/tune/speedrun_net_e${e}.json"
     step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" --set "epochs=$e" \
-      --data "$DATA" --out "$f" && files+=("$(basename "$f")")
+      --data "$DATA" --out "$f"
+    [ -f "$f" ] && files+=("$(basename "$f")")
+    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"
   done
-  [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"
+}
+
+# --- the three calls --------------------------------------------------------------------------
+stage_call1() {
+  gpu_tests 180
+  bn_relu --models "$(echo $HEADLINE | tr ' ' ',')"
+}
+
+stage_call2() {
+  speedrun_one speedrun_net "$OUT/speedrun_speedrun_net.json"
+}
+
+stage_call3() {
+  # throughput first (the most figures per second), leaving ~200 s for the run to the target
+  step $PY bench/bench_train.py --data "$DATA" --models $HEADLINE --backends compiled triton --loaders gpu ffcv \
+    --budget-s $(( $(left) - 260 )) --out "$OUT/bench_train.json"
+  local run="$RESULTS/runs/resnet_2111_target"
+  rm -rf "$run"
+  step $FC train --model resnet_2111 --target "$TARGET_2111" --data "$DATA" --out "$run" --no-progress
+  # a run stopped by its limit (SIGTERM) still writes its summary: bring back what there is
+  [ -f "$run/summary.json" ] && cp "$run/summary.json" "$OUT/train_resnet_2111_summary.json"
+  [ -f "$run/metrics.jsonl" ] && cp "$run/metrics.jsonl" "$OUT/train_resnet_2111_metrics.jsonl"
 }
 
 say "gpu_suite stage '$stage' (budget ${BUDGET_S}s), results to $OUT"
-stage_env
+stage_preflight   # a failure is counted; the stage goes on unless the data is missing
 case "$stage" in
-  env) ;;
+  preflight) ;;
+  env) stage_env ;;
   kernels) stage_kernels ;;
-  loaders) ensure_data; stage_loaders ;;
-  train) ensure_data; stage_train "$@" ;;
-  calibrate) ensure_data; stage_calibrate ;;
-  speedrun) ensure_data; stage_speedrun "$@" ;;
-  tune) ensure_data; stage_tune ;;
-  all) ensure_data; stage_kernels; stage_loaders; stage_train; stage_calibrate; stage_speedrun; stage_tune ;;
+  loaders) need_data; stage_loaders ;;
+  train) need_data; stage_train "$@" ;;
+  calibrate) need_data; stage_calibrate ;;
+  speedrun) need_data; stage_speedrun "$@" ;;
+  tune) need_data; stage_tune ;;
+  call1) stage_call1 ;;
+  call2) need_data; stage_call2 ;;
+  call3) need_data; stage_call3 ;;
+  all) need_data; stage_env; stage_kernels; stage_loaders; stage_train; stage_calibrate; stage_speedrun; stage_tune ;;
 esac
 say "done ($failed step(s) failed or skipped); files in $OUT:"
-ls -la "$OUT"
+ls -laR "$OUT"
 [ "$failed" -eq 0 ]

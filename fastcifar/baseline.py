@@ -169,61 +169,93 @@ class AirbenchBaseline:
 
 def run_baseline(data_dir: Path, device: str, seeds: list[int], original_npz: Optional[Path] = None,
                  on_run: Callable[[dict], None] = lambda r: None) -> list[dict]:
-    """One warm-up, then one timed train94 run per seed."""
+    """One warm-up, then one timed train94 run per seed. A timed run that fails is recorded as
+    ``{"seed", "error"}`` and the next one runs; ``on_run`` sees every run as it ends (to write
+    results as they come). A failing set-up or warm-up raises: nothing could be timed."""
     with AirbenchBaseline(data_dir, device, original_npz) as baseline:
         baseline.warmup()
         results = []
         for seed in seeds:
-            results.append(baseline.run(seed))
+            try:
+                results.append(baseline.run(seed))
+            except Exception as e:  # noqa: BLE001  (this seed is lost, not the others)
+                results.append({"seed": seed, "error": f"{type(e).__name__}: {e}"})
             on_run(results[-1])
         return results
 
 
+def default_calibration_path(device: str) -> Path:
+    from fastcifar.machine import device_name
+    from fastcifar.results import device_slug
+
+    return Path("bench/results") / f"calibrate_{NAME}_{device_slug(device_name(device))}.json"
+
+
 def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None,
-              out: Optional[Path] = None, device: str = "cuda") -> dict:
+              out: Optional[Path] = None, device: str = "cuda", seed: int = 0) -> dict:
     """train94 alone, ``runs`` times on ``data_dir``: how far this data (e.g. the JPEG copy) and
     machine put it from its published 94.01%. ``gap_to_published`` = published - measured mean
-    (fractions); on the JPEG copy that is the copy's accuracy penalty for this network."""
+    (fractions); on the JPEG copy that is the copy's accuracy penalty for this network.
 
-    from fastcifar.leaderboard import data_name
-    from fastcifar.machine import command_line, device_name, machine_info, versions
-    from fastcifar.results import now_iso, write_result
-    from fastcifar.speedrun import _aggregate
+    The result file (``out``, default bench/results/calibrate_airbench94_<device>.json) is
+    rewritten after every run, so a time limit keeps the runs finished before it, and a
+    baseline leaderboard entry beside it lets the leaderboard compare other results on the same
+    data and device with these runs."""
+    import uuid
+
+    from beton_data.files import check_writable
+    from fastcifar.leaderboard import add_entry, data_name, data_sha256
+    from fastcifar.machine import command_line, device_name, machine_info, resolve_device, versions
+    from fastcifar.results import aggregate, format_ci, format_pm, now_iso, write_result
 
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
-    seeds = list(range(runs))
-    results = run_baseline(Path(data_dir), device, seeds, original_npz,
-                           on_run=lambda r: print(f"  {NAME} seed {r['seed']}: {100 * r['accuracy']:.2f}% "
-                                                  f"in {r['time_s']:.2f} s"))
-    agg = _aggregate(results)
-    result = {"kind": "airbench_calibration", "name": NAME, "package": f"airbench=={VERSION}",
-              "device": device_name(device), "data": data_name(Path(data_dir)),
-              "data_dir": str(data_dir), "command": command_line(), "date": now_iso(),
-              "versions": versions(), "machine": machine_info(device), "published_acc": PUBLISHED_ACC,
-              "runs": results, **agg, "gap_to_published": PUBLISHED_ACC - agg["accuracy_mean"]}
-    print(f"{NAME} on {result['data']}: {100 * agg['accuracy_mean']:.2f}% mean over {runs} runs "
-          f"(published {100 * PUBLISHED_ACC:.2f}% on the original CIFAR-10): gap "
-          f"{100 * result['gap_to_published']:+.2f} points; time {agg['time_mean_s']:.2f} s")
-    if out is not None:
+    data_dir = Path(data_dir)
+    for split in ("train", "test"):
+        if not (data_dir / f"{split}.beton").is_file():
+            raise UserError(f"no {data_dir / f'{split}.beton'}; run `fastcifar convert` first "
+                            f"(or pass --data DIR with train.beton and test.beton)")
+    if original_npz is not None:
+        load_npz(original_npz)  # fail now on a bad file, not after the runs
+    device = resolve_device(device)
+    require_cuda(device)
+    import_airbench()
+    out = Path(out) if out is not None else default_calibration_path(device)
+    check_writable(out.parent, "calibrate --out")
+    result = {"kind": "airbench_calibration", "id": uuid.uuid4().hex, "name": NAME,
+              "package": f"airbench=={VERSION}", "device": device_name(device), "data": data_name(data_dir),
+              "data_sha256": data_sha256(data_dir), "data_dir": str(data_dir), "command": command_line(),
+              "date": now_iso(), "versions": versions(), "machine": machine_info(device),
+              "published_acc": PUBLISHED_ACC, "seeds": list(range(seed, seed + runs)), "runs": []}
+
+    def save(r: dict) -> None:
+        result["runs"].append(r)
+        if "error" in r:
+            print(f"  {NAME} seed {r['seed']}: FAILED: {r['error']}")
+        else:
+            print(f"  {NAME} seed {r['seed']}: {100 * r['accuracy']:.2f}% in {r['time_s']:.2f} s")
+        result.update(aggregate(result["runs"]))
+        ok = [x for x in result["runs"] if "error" not in x]
+        if ok:
+            result["gap_to_published"] = PUBLISHED_ACC - result["accuracy_mean"]
+            add_entry(out.parent, {"kind": "baseline", "id": result["id"], "model": NAME,
+                                   "recipe": result["package"], "device": result["device"],
+                                   "data": result["data"], "data_sha256": result["data_sha256"],
+                                   "accuracies": [x["accuracy"] for x in ok], "times_s": [x["time_s"] for x in ok],
+                                   "failed_runs": len(result["runs"]) - len(ok), "date": result["date"],
+                                   "versions": result["versions"], "command": result["command"]})
         write_result(out, result)
-        print(f"wrote {out}")
+
+    print(f"calibrate: {NAME} alone, 1 warm-up + {runs} timed runs on {result['data']} ({result['device']}); "
+          f"results after every run in {out}")
+    run_baseline(data_dir, device, result["seeds"], original_npz, on_run=save)
+    ok = result.get("runs_ok", 0)
+    if ok:
+        print(f"{NAME} on {result['data']}: {format_pm(result['accuracy_mean'], result['accuracy_std'], 100)}% "
+              f"(95% CI {format_ci(result['accuracy_ci95'], 100)}) over {ok} runs (published "
+              f"{100 * PUBLISHED_ACC:.2f}% on the original CIFAR-10): gap {100 * result['gap_to_published']:+.2f} "
+              f"points; time {format_pm(result['time_mean_s'], result['time_std_s'])} s")
+    print(f"wrote {out}")
+    if ok < runs:
+        raise UserError(f"{runs - ok} of {runs} calibration runs failed; the others are in {out}")
     return result
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(description="Calibrate: airbench94 alone, several runs on our data "
-                                            "(python -m fastcifar.baseline --data DIR --runs 5).")
-    p.add_argument("--data", default="beton_data/cifar10", help="folder with train.beton and test.beton")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--original-npz", type=Path, default=None,
-                   help="also score each trained network on these images (e.g. original CIFAR-10 test images)")
-    p.add_argument("--out", type=Path, default=None, help="result JSON")
-    a = p.parse_args()
-    try:
-        calibrate(Path(a.data), a.runs, a.original_npz, a.out)
-    except UserError as e:
-        sys.exit(f"error: {e}")

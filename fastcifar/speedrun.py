@@ -5,7 +5,9 @@ baseline, on the same data and device, in one invocation.
     2. N timed runs of the model's fast recipe, seeds seed..seed+N-1;
     3. the baseline: one untimed warm-up, then N timed runs of airbench's train94 on the same
        images (see baseline.py);
-    4. mean ± std of accuracy and time for both, and the ratio of their mean times.
+    4. for both, mean ± std and the 95% confidence interval of accuracy and time; the ratio of
+       their mean times; and the one-sided Welch tests of `fastcifar.results` (accuracy not
+       lower by the margin or more, time lower), which decide whether it is a record.
 
 The time of a run is what the speedrun records count: training (compile/warm-up steps
 excluded, as train.py estimates them) plus the final evaluation with the recipe's test-time
@@ -13,9 +15,13 @@ augmentation, each bracketed by CUDA synchronisation. Loading the data onto the 
 writing checkpoints and the warm-up run are not in it. The same definition is applied to the
 baseline.
 
-Everything goes to one result file (default bench/results/speedrun_<model>_<device>.json, the
-latest invocation for that model and device) and to two leaderboard entries (ours and the
-baseline's) beside it, which accumulate over invocations.
+Nothing measured is lost: the result file (default bench/results/speedrun_<model>_<device>.json,
+the latest invocation for that model and device) and the two leaderboard entries beside it
+(ours and the baseline's, which accumulate over invocations) are rewritten atomically after
+every run. A run that fails is recorded with its error and the others go on; a signal
+(Ctrl-C, SIGTERM from a time limit) stops the speedrun with every finished run on disk. If
+airbench cannot be imported, the model's runs are still timed and recorded, and the command
+ends by saying the baseline is missing.
 """
 from __future__ import annotations
 
@@ -25,19 +31,25 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-
+from beton_data.files import check_writable
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import add_entry, data_name
-from fastcifar.machine import command_line, machine_info, resolve_device
-from fastcifar.results import device_slug, format_pm, mean_std, now_iso, write_result
+from fastcifar.leaderboard import add_entry, data_name, data_sha256, settings_of
+from fastcifar.machine import command_line, device_name, machine_info, resolve_device
+from fastcifar.results import (ACCURACY_MARGIN, ALPHA, RECORD_MIN_RUNS, aggregate, compare, device_slug, format_ci,
+                               format_p, format_pm, now_iso, write_result)
 
 DEFAULT_RESULTS = Path("bench/results")
+
+
+class _Interrupted(Exception):
+    """A timed run stopped by a signal: the speedrun stops too."""
 
 
 def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              data: Optional[Path] = None, out: Optional[Path] = None, device: str = "auto",
              seed: int = 0, overrides: Optional[dict] = None, original_npz: Optional[Path] = None,
-             loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None) -> dict:
+             loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
+             margin: float = ACCURACY_MARGIN) -> dict:
     """Run the speedrun; returns the result written to ``out``."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
@@ -46,6 +58,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     # --- check everything before the first (long) run ------------------------------------------
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
+    if not 0 <= margin < 1:
+        raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
     data = Path(data or DEFAULT_DATA)
     for split in ("train", "test"):
         if not (data / f"{split}.beton").is_file():
@@ -59,18 +73,29 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     device = resolve_device(device)
     if original_npz is not None:
         load_npz(original_npz)  # fail now on a bad file, not after the runs
-    if baseline:
-        require_cuda(device)
-        import_airbench()
-
+    out = Path(out) if out is not None else \
+        DEFAULT_RESULTS / f"speedrun_{model}_{device_slug(device_name(device))}.json"
+    check_writable(out.parent, "speedrun --out")
     say = print
-    run_id = uuid.uuid4().hex
+    baseline_missing = None
+    if baseline:
+        require_cuda(device)  # on a CPU the baseline can never run: a mistake in the command
+        try:
+            import_airbench()
+        except UserError as e:  # an incomplete installation: the model's runs are still worth having
+            baseline_missing = str(e)
+            say(f"baseline: MISSING ({baseline_missing}); the model's runs are timed and recorded without it")
+
     result = {
-        "kind": "speedrun_result", "id": run_id, "model": model, "recipe": "fast",
+        "kind": "speedrun_result", "id": uuid.uuid4().hex, "model": model, "recipe": "fast",
         "recipe_fields": recipe.to_dict(), "overrides": dict(overrides or {}),
-        "data": data_name(data), "data_dir": str(data), "command": command_line(),
-        "date": now_iso(), "seeds": list(range(seed, seed + runs)), "loader": loader,
+        "data": data_name(data), "data_sha256": data_sha256(data), "data_dir": str(data),
+        "command": command_line(), "date": now_iso(), "seeds": list(range(seed, seed + runs)),
+        "loader": loader, "accuracy_margin": margin, "status": "running", "runs": [], "baseline": None,
     }
+    if baseline_missing:
+        result["baseline_error"] = f"missing: {baseline_missing}"
+    rec = _Recorder(result, out)
 
     with tempfile.TemporaryDirectory(prefix="fastcifar-speedrun-") as work:
         work = Path(work)
@@ -88,75 +113,124 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
             return r, summary
 
         say(f"speedrun: {model} (fast recipe, {recipe.epochs} epochs), {runs} timed runs on {device}, "
-            f"data {result['data']}")
+            f"data {result['data']}; results after every run in {out}")
         t0 = time.perf_counter()
-        warm, summary = one_run(seed + 10_000, "warmup")
+        try:
+            warm, summary = one_run(seed + 10_000, "warmup")
+        except Exception as e:  # a broken recipe or device fails every run alike: stop here
+            result["warmup"] = {"seed": seed + 10_000, "error": _error(e)}
+            rec.finish("failed", say)
+            raise UserError(f"the warm-up run failed ({result['warmup']['error']}); nothing was timed; "
+                            f"see {out}") from None
         say(f"  warm-up run: {100 * warm['accuracy']:.2f}% in {time.perf_counter() - t0:.1f} s wall "
             f"(compile/warm-up {warm['compile_warmup_s']:.1f} s; untimed)")
-        result["warmup"] = warm
-        result["device"] = summary["device"]
-        result["versions"] = summary["versions"]
-        result["machine"] = machine_info(device)
-        result["params"] = summary["params"]
-        result["precision"], result["bn_backend"], result["compile"] = (
-            summary["precision"], summary["bn_backend"], summary["compile"])
+        result.update(warmup=warm, device=summary["device"], versions=summary["versions"],
+                      machine=machine_info(device), params=summary["params"], precision=summary["precision"],
+                      bn_backend=summary["bn_backend"], compile=summary["compile"],
+                      settings=settings_of(recipe.to_dict(), {}, precision=summary["precision"],
+                                           world_size=summary.get("world_size", 1),
+                                           bn_backend=summary["bn_backend"], loader=loader,
+                                           compile=summary["compile"]))
+        rec.save()
 
-        ours = []
         for i, s in enumerate(result["seeds"]):
-            r, _ = one_run(s, f"run{i}")
-            ours.append(r)
-            say(_run_line(model, i, runs, r))
-        result["runs"] = ours
-        result.update(_aggregate(ours))
-
-        result["baseline"] = None
-        out = Path(out) if out is not None else DEFAULT_RESULTS / f"speedrun_{model}_{device_slug(result['device'])}.json"
-        _write(result, out)  # our runs are safe on disk before the baseline starts
-        if baseline:
             try:
-                result["baseline"] = _run_baseline(data, device, result["seeds"], original_npz, say)
+                r, _ = one_run(s, f"run{i}")
+                say(_run_line(model, i, runs, r))
+            except _Interrupted as e:
+                result["runs"].append({"seed": s, "error": str(e)})
+                rec.finish("interrupted", say)
+                raise UserError(f"speedrun stopped: {e}; the {rec.ok_runs()} finished run(s) are in {out}") from None
+            except Exception as e:  # this seed is lost, the others still run
+                r = {"seed": s, "error": _error(e)}
+                say(f"  {model} run {i + 1}/{runs} (seed {s}) FAILED: {r['error']}")
+            result["runs"].append(r)
+            rec.save()
+
+        if baseline and not baseline_missing and rec.ok_runs():
+            try:
+                _run_baseline(data, device, result, original_npz, rec, say)
             except Exception as e:  # keep our figures; say what failed
-                result["baseline_error"] = f"{type(e).__name__}: {e}"
-                _finish(result, out, say)
-                raise UserError(f"the baseline failed ({result['baseline_error']}); "
-                                f"the model's own results were written to {out}") from None
-            result["time_ratio"] = result["baseline"]["time_mean_s"] / result["time_mean_s"]
-    _finish(result, out, say)
+                result["baseline_error"] = _error(e)
+    rec.finish("completed", say)
+    problems = []
+    failed = [r for r in result["runs"] if "error" in r]
+    if failed:
+        problems.append(f"{len(failed)} of {runs} runs failed (seed {failed[0]['seed']}: {failed[0]['error']})")
+    if baseline_missing:
+        problems.append(f"the baseline is missing ({baseline_missing})")
+    elif result.get("baseline_error"):
+        problems.append(f"the baseline failed ({result['baseline_error']})")
+    if problems:
+        kept = "the model's own results were" if rec.ok_runs() else "the errors were"
+        raise UserError(f"{'; '.join(problems)}; {kept} written to {out}")
     return result
 
 
-def _run_baseline(data: Path, device: str, seeds: list[int], original_npz, say) -> dict:
+def _run_baseline(data: Path, device: str, result: dict, original_npz, rec: "_Recorder", say) -> None:
+    """airbench94's warm-up and timed runs; ``result['baseline']`` appears with its first run
+    and the files are rewritten after each."""
     from fastcifar import baseline as ab
 
+    seeds = result["seeds"]
     say(f"baseline: {ab.NAME} (airbench=={ab.VERSION}, published {100 * ab.PUBLISHED_ACC:.2f}% "
         f"on the original CIFAR-10), 1 warm-up + {len(seeds)} timed runs on the same data")
-    runs: list[dict] = []
 
     def on_run(r):
+        if result["baseline"] is None:
+            result["baseline"] = {"name": ab.NAME, "package": f"airbench=={ab.VERSION}",
+                                  "published_acc": ab.PUBLISHED_ACC, "runs": []}
+        runs = result["baseline"]["runs"]
         runs.append(r)
-        say(_run_line(ab.NAME, len(runs) - 1, len(seeds), r))
+        if "error" in r:
+            say(f"  {ab.NAME} run {len(runs)}/{len(seeds)} (seed {r['seed']}) FAILED: {r['error']}")
+        else:
+            say(_run_line(ab.NAME, len(runs) - 1, len(seeds), r))
+        rec.save()
 
     ab.run_baseline(data, device, seeds, original_npz, on_run=on_run)
-    agg = _aggregate(runs)
-    return {"name": ab.NAME, "package": f"airbench=={ab.VERSION}", "published_acc": ab.PUBLISHED_ACC,
-            "runs": runs, **agg,
-            # on the JPEG copy of CIFAR-10 this is the copy's accuracy penalty for airbench94
-            "gap_to_published": ab.PUBLISHED_ACC - agg["accuracy_mean"]}
 
 
-def _write(result: dict, out: Path) -> None:
-    result["entries"] = _entries(result)
-    write_result(out, result)
+class _Recorder:
+    """Keeps the result file and the leaderboard entries current: figures recomputed and both
+    rewritten (atomically) after every run."""
 
+    def __init__(self, result: dict, out: Path):
+        self.result, self.out = result, out
 
-def _finish(result: dict, out: Path, say) -> None:
-    """Final result file, leaderboard entries, and the summary on stdout."""
-    _write(result, out)
-    for entry in result["entries"]:
-        add_entry(out.parent, entry)
-    for line in report_lines(result):
-        say(line)
-    say(f"wrote {out} (and leaderboard entries in {out.parent / 'leaderboard'})")
+    def ok_runs(self) -> int:
+        return sum("error" not in r for r in self.result["runs"])
+
+    def save(self) -> None:
+        from fastcifar import baseline as ab
+
+        res = self.result
+        res.update(aggregate(res["runs"]))
+        b = res.get("baseline")
+        if b:
+            b.update(aggregate(b["runs"]))
+            if b.get("accuracy_mean") is not None:
+                # on the JPEG copy of CIFAR-10 this is the copy's accuracy penalty for airbench94
+                b["gap_to_published"] = ab.PUBLISHED_ACC - b["accuracy_mean"]
+            if b.get("runs_ok") and res.get("runs_ok"):
+                res["time_ratio"] = b["time_mean_s"] / res["time_mean_s"]
+                ours, theirs = _ok(res["runs"]), _ok(b["runs"])
+                res["comparison"] = compare([r["accuracy"] for r in ours], [r["time_s"] for r in ours],
+                                            [r["accuracy"] for r in theirs], [r["time_s"] for r in theirs],
+                                            res["accuracy_margin"])
+        res["entries"] = _entries(res)
+        write_result(self.out, res)
+        for entry in res["entries"]:
+            add_entry(self.out.parent, entry)
+
+    def finish(self, status: str, say) -> None:
+        """The last write, and the summary on stdout."""
+        self.result["status"] = status
+        self.save()
+        if self.ok_runs():
+            for line in report_lines(self.result):
+                say(line)
+        say(f"wrote {self.out} (and leaderboard entries in {self.out.parent / 'leaderboard'})")
 
 
 # -----------------------------------------------------------------------------
@@ -170,9 +244,12 @@ def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backen
                       compile=compile, eval_every=10**9,  # evaluate after the last epoch only
                       progress=False)
     summary = train(cfg)
-    if summary.get("signal") is not None or summary.get("status") not in ("completed", "target_reached"):
-        raise UserError(f"speedrun stopped: a run ended with status {summary.get('status')!r}; "
-                        "no result was written")
+    if summary.get("signal") is not None:
+        import signal
+
+        raise _Interrupted(f"interrupted by {signal.Signals(summary['signal']).name} (seed {seed})")
+    if summary.get("status") not in ("completed", "target_reached"):
+        raise RuntimeError(f"the run ended with status {summary.get('status')!r}")
     return summary
 
 
@@ -191,48 +268,61 @@ def _accuracy_on(run_dir: Path, beton: Path, device: str) -> float:
     return run_eval(run_dir, beton=beton, device=device, quiet=True)["acc"]
 
 
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".strip()
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if "error" not in r]
+
+
 # -----------------------------------------------------------------------------
 # results
 
-def _aggregate(runs: list[dict]) -> dict:
-    acc_mean, acc_std = mean_std([r["accuracy"] for r in runs])
-    t_mean, t_std = mean_std([r["time_s"] for r in runs])
-    out = {"accuracy_mean": acc_mean, "accuracy_std": acc_std, "time_mean_s": t_mean, "time_std_s": t_std}
-    if all("original_accuracy" in r for r in runs):
-        out["original_accuracy_mean"], out["original_accuracy_std"] = mean_std(
-            [r["original_accuracy"] for r in runs])
-    return out
-
-
 def _entries(result: dict) -> list[dict]:
-    """The leaderboard entries of this invocation: ours, and the baseline's if it ran."""
-    common = {"device": result["device"], "data": result["data"], "date": result["date"],
-              "versions": result["versions"], "command": result["command"]}
-    entries = [{"kind": "speedrun", "id": result["id"], "model": result["model"], "recipe": "fast",
-                "accuracies": [r["accuracy"] for r in result["runs"]],
-                "times_s": [r["time_s"] for r in result["runs"]], **common}]
-    if result.get("baseline"):
-        b = result["baseline"]
-        entries.append({"kind": "baseline", "id": result["id"] + "-baseline", "model": b["name"],
-                        "recipe": b["package"], "accuracies": [r["accuracy"] for r in b["runs"]],
-                        "times_s": [r["time_s"] for r in b["runs"]], **common})
+    """The leaderboard entries of this invocation so far: ours, and the baseline's if it ran;
+    only runs that finished, the failed ones counted."""
+    common = {"device": result.get("device", "?"), "data": result["data"], "data_sha256": result["data_sha256"],
+              "date": result["date"], "versions": result.get("versions", {}), "command": result["command"],
+              "runs_planned": len(result["seeds"])}
+    entries = []
+    for kind, runs, extra in (("speedrun", result["runs"], {"id": result["id"], "model": result["model"],
+                                                             "recipe": "fast", "settings": result.get("settings", {})}),
+                              ("baseline", (result.get("baseline") or {}).get("runs", []),
+                               {"id": result["id"] + "-baseline", "model": (result.get("baseline") or {}).get("name"),
+                                "recipe": (result.get("baseline") or {}).get("package")})):
+        ok = _ok(runs)
+        if ok:
+            entries.append({"kind": kind, **extra, "accuracies": [r["accuracy"] for r in ok],
+                            "times_s": [r["time_s"] for r in ok], "failed_runs": len(runs) - len(ok), **common})
     return entries
 
 
 def report_lines(result: dict) -> list[str]:
-    """The closing summary: mean ± std of accuracy and time, and the time ratio."""
+    """The closing summary: mean ± std and 95% CI of accuracy and time, the baseline, the tests
+    against it, and the time ratio."""
     def line(name, agg):
-        text = (f"{name:>14s}: accuracy {format_pm(agg['accuracy_mean'], agg['accuracy_std'], 100)} %   "
-                f"time {format_pm(agg['time_mean_s'], agg['time_std_s'])} s")
+        text = (f"{name:>14s}: accuracy {format_pm(agg['accuracy_mean'], agg['accuracy_std'], 100)} % "
+                f"(95% CI {format_ci(agg.get('accuracy_ci95'), 100)})   "
+                f"time {format_pm(agg['time_mean_s'], agg['time_std_s'])} s "
+                f"(95% CI {format_ci(agg.get('time_ci95_s'))})")
         if agg.get("original_accuracy_mean") is not None:
             text += f"   (original test images: {format_pm(agg['original_accuracy_mean'], agg['original_accuracy_std'], 100)} %)"
         return text
 
-    lines = [f"results over {len(result['runs'])} runs on {result['device']}, data {result['data']}:",
+    n_ok = sum("error" not in r for r in result["runs"])
+    lines = [f"results over {n_ok} runs on {result['device']}, data {result['data']}:",
              line(result["model"], result)]
     b = result.get("baseline")
-    if b:
+    if b and b.get("accuracy_mean") is not None:
         lines.append(line(b["name"], b))
+        c = result.get("comparison")
+        if c:
+            lines.append(f"against {b['name']} (one-sided Welch t-tests, {c['baseline_runs']} baseline runs): "
+                         f"accuracy not {100 * c['accuracy_margin']:g} points or more lower p = {format_p(c['p_accuracy'])}; "
+                         f"time lower p = {format_p(c['p_time'])}")
+            lines.append("  a record (>= {} runs, both p < {})".format(RECORD_MIN_RUNS, ALPHA) if c["record"]
+                         else f"  not a record: {c['why']}")
         ratio = result["time_ratio"]
         lines.append(f"time ratio {b['name']} / {result['model']} = {ratio:.2f} "
                      f"({result['model']} is {ratio if ratio >= 1 else 1 / ratio:.2f}x "
@@ -240,9 +330,9 @@ def report_lines(result: dict) -> list[str]:
     return lines
 
 
-
 def _run_line(name: str, i: int, n: int, r: dict) -> str:
     text = f"  {name} run {i + 1}/{n} (seed {r['seed']}): {100 * r['accuracy']:.2f}% in {r['time_s']:.2f} s"
     if "original_accuracy" in r:
         text += f", original test images {100 * r['original_accuracy']:.2f}%"
     return text
+

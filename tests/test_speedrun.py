@@ -239,3 +239,159 @@ def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# nothing measured is lost: per-run files, failed runs, a missing baseline, the statistics
+
+def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=lambda s: 0.90 + s % 100 / 1000,
+                seen=None):
+    """Replace the training of one run by a canned summary (the plumbing, not the training, is
+    under test); before each timed run, note how many runs the result file already holds."""
+    import fastcifar.speedrun as sr
+
+    def fake(model, overrides, data, run_dir, device, seed, *rest):
+        if seen is not None and seed < 10_000:
+            seen.append(len(json.loads(out.read_text())["runs"]) if out.exists() else None)
+        if seed in fail_seeds:
+            raise RuntimeError(f"CUDA out of memory (seed {seed})")
+        if seed == interrupt_seed:
+            raise sr._Interrupted(f"interrupted by SIGTERM (seed {seed})")
+        return {"final_acc": accuracy(seed), "device": "CPU (test)", "versions": {"torch": torch.__version__},
+                "params": 1, "precision": "fp32", "bn_backend": "eager", "compile": False, "world_size": 1,
+                "times": {"train_s": 1e-4 * (1 + seed % 3), "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}}
+
+    monkeypatch.setattr(sr, "_train_once", fake)
+
+
+def test_failed_run_is_recorded_and_the_others_go_on(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    seen = []
+    _fake_train(monkeypatch, out, fail_seeds={1}, seen=seen)
+    with pytest.raises(UserError, match=r"1 of 4 runs failed \(seed 1: RuntimeError: CUDA out of memory"):
+        speedrun(runs=4, baseline=False, data=tiny / "data", out=out, device="cpu")
+    # the file was rewritten after every run: before run k it already held k runs
+    assert seen == [0, 1, 2, 3]
+    stored = json.loads(out.read_text())
+    assert [("error" in r, r["seed"]) for r in stored["runs"]] == [(False, 0), (True, 1), (False, 2), (False, 3)]
+    assert "CUDA out of memory" in stored["runs"][1]["error"] and stored["status"] == "completed"
+    accs = [0.900, 0.902, 0.903]
+    assert stored["runs_ok"] == 3 and stored["accuracy_mean"] == pytest.approx(np.mean(accs))
+    [entry] = stored["entries"]
+    assert entry["accuracies"] == pytest.approx(accs) and entry["failed_runs"] == 1 and entry["runs_planned"] == 4
+    [row] = collect([tmp_path])
+    assert row["runs"] == 3 and row["failed_runs"] == 1
+
+
+def test_interrupted_speedrun_keeps_finished_runs(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    _fake_train(monkeypatch, out, interrupt_seed=2)
+    with pytest.raises(UserError, match=r"speedrun stopped: interrupted by SIGTERM .*the 2 finished run\(s\) are in"):
+        speedrun(runs=5, baseline=False, data=tiny / "data", out=out, device="cpu")
+    stored = json.loads(out.read_text())
+    assert stored["status"] == "interrupted" and stored["runs_ok"] == 2 and len(stored["runs"]) == 3
+    # the leaderboard entry file is current too, not only the result file
+    [entry_file] = (tmp_path / ENTRY_DIR).glob("*.json")
+    assert json.loads(entry_file.read_text())["accuracies"] == pytest.approx([0.900, 0.901])
+
+
+def test_speedrun_without_importable_baseline_records_the_model(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r.json"
+    _fake_train(monkeypatch, out)
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setitem(sys.modules, "airbench", None)  # `import airbench` fails
+    with pytest.raises(UserError, match=r"the baseline is missing \(the baseline needs airbench==0\.1\.8.*written to"):
+        speedrun(runs=2, baseline=True, data=tiny / "data", out=out, device="cpu")
+    assert "baseline: MISSING" in capsys.readouterr().out  # said before the runs start
+    stored = json.loads(out.read_text())
+    assert stored["runs_ok"] == 2 and stored["baseline"] is None and stored["baseline_error"].startswith("missing:")
+    assert [r["kind"] for r in collect([tmp_path])] == ["speedrun"]
+
+
+def test_speedrun_statistics_against_the_baseline(tiny, tmp_path, monkeypatch, capsys):
+    """Mean, CI and the two one-sided Welch tests in the result file, recomputed here with SciPy;
+    5 runs, clearly more accurate and faster than the (stand-in) baseline: a record."""
+    from scipy import stats
+
+    from fastcifar.results import ACCURACY_MARGIN
+
+    out = tmp_path / "r.json"
+    _fake_train(monkeypatch, out)
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([]))
+    monkeypatch.setattr(ab.AirbenchBaseline, "run", lambda self, seed: {
+        "seed": seed, "accuracy": 0.5 + seed / 100, "time_s": 1.0 + seed / 10})
+    result = speedrun(runs=5, baseline=True, data=tiny / "data", out=out, device="cpu")
+    stored = json.loads(out.read_text())
+    assert stored == json.loads(json.dumps(result))
+    acc = np.array([r["accuracy"] for r in stored["runs"]])
+    t = np.array([r["time_s"] for r in stored["runs"]])
+    b_acc = np.array([r["accuracy"] for r in stored["baseline"]["runs"]])
+    b_t = np.array([r["time_s"] for r in stored["baseline"]["runs"]])
+    ci = stats.t.interval(0.95, 4, loc=acc.mean(), scale=acc.std(ddof=1) / np.sqrt(5))
+    assert stored["accuracy_ci95"] == pytest.approx(list(ci))
+    assert stored["baseline"]["time_ci95_s"] == pytest.approx(
+        list(stats.t.interval(0.95, 4, loc=b_t.mean(), scale=b_t.std(ddof=1) / np.sqrt(5))))
+    c = stored["comparison"]
+    assert c["p_accuracy"] == pytest.approx(stats.ttest_ind(acc + ACCURACY_MARGIN, b_acc, equal_var=False,
+                                                            alternative="greater").pvalue)
+    assert c["p_time"] == pytest.approx(stats.ttest_ind(t, b_t, equal_var=False, alternative="less").pvalue)
+    assert c["record"] and c["baseline_runs"] == 5
+    printed = capsys.readouterr().out
+    assert "95% CI [" in printed and "time lower p = <0.001" in printed and "a record (>= 5 runs" in printed
+    # the leaderboard finds the same invocation's baseline and agrees
+    [row] = [r for r in collect([tmp_path]) if r["kind"] == "speedrun"]
+    assert row["record"] and row["comparison"]["baseline"] == "same invocation"
+    assert row["comparison"]["p_time"] == pytest.approx(c["p_time"])
+
+
+def test_calibrate_records_a_failed_run_and_goes_on(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([]))
+    out = tmp_path / "cal.json"
+    seen = []
+
+    def run(self, seed):
+        if seed >= 0:  # not the warm-up: how many runs the file holds before this one
+            seen.append(len(json.loads(out.read_text())["runs"]) if out.exists() else 0)
+        if seed == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return {"seed": seed, "accuracy": 0.93 + seed / 1000, "time_s": 3.0}
+
+    monkeypatch.setattr(ab.AirbenchBaseline, "run", run)
+    with pytest.raises(UserError, match="1 of 3 calibration runs failed"):
+        ab.calibrate(tiny / "data", runs=3, out=out, device="cpu")
+    assert seen == [0, 1, 2]  # written after every run
+    stored = json.loads(out.read_text())
+    assert ["error" in r for r in stored["runs"]] == [False, True, False] and stored["runs_ok"] == 2
+    assert stored["accuracy_mean"] == pytest.approx(0.931) and stored["accuracy_ci95"] is not None
+    # the calibration is a baseline entry: the leaderboard compares other rows on this data and device with it
+    [row] = collect([tmp_path])
+    assert row["kind"] == "baseline" and row["runs"] == 2 and row["failed_runs"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "needs a CUDA GPU"),
+    (["--runs", "0"], "--runs must be at least 1"),
+    (["--data", "{tmp}/nowhere"], "run `fastcifar convert` first"),
+])
+def test_calibrate_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--data" not in args:
+        args += ["--data", str(tiny / "data")]
+    monkeypatch.setattr(sys, "argv", ["fastcifar", "calibrate", "--out", str(tmp_path / "c.json"), *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_unwritable_out_is_one_line_before_any_run(tiny, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("a regular file: nothing can be created under it, not even by root")
+    monkeypatch.setattr(sys, "argv", ["fastcifar", "speedrun", "--no-baseline", "--device", "cpu", "--data",
+                                      str(tiny / "data"), "--out", str(tmp_path / "file" / "r.json")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("error: speedrun --out") and "is a file, not a folder" in err

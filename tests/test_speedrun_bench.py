@@ -1,8 +1,10 @@
-"""bench/bench_train.py --dry-run (tiny CPU mode) and bench/gpu_suite.sh's argument check."""
+"""bench/bench_train.py --dry-run (tiny CPU mode), bench/bench_loaders.py's per-loader rows, and
+bench/gpu_suite.sh (its argument check and the preflight stage on the CPU)."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -60,3 +62,85 @@ def test_gpu_suite_rejects_unknown_stage(tmp_path):
                        env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "unknown stage 'nonsense'" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _bench_loaders():
+    spec = importlib.util.spec_from_file_location("bench_loaders", REPO / "bench" / "bench_loaders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_loaders_records_a_failing_loader_and_writes_after_each(tmp_path, monkeypatch):
+    bl = _bench_loaders()
+    out = tmp_path / "loaders.json"
+    real_make, real_time = bl.make_loader, bl.time_epochs
+    seen = []
+
+    def make_loader(kind, *args, **kwargs):
+        if kind == "ffcv":
+            raise RuntimeError("ffcv helper cannot be loaded")
+        return real_make(kind, *args, **kwargs)
+
+    def time_epochs(loader, epochs, device):  # what the file holds when the next unit starts
+        seen.append(sorted(json.loads(out.read_text())["results"]) if out.exists() else [])
+        return real_time(loader, epochs, device)
+
+    monkeypatch.setattr(bl, "make_loader", make_loader)
+    monkeypatch.setattr(bl, "time_epochs", time_epochs)
+    bl.main(["--device", "cpu", "--synthetic", "256", "--batch-size", "64", "--epochs", "1", "--workers", "1",
+             "--baseline-workers", "0", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert results["ffcv_workers_1"] == {"error": "RuntimeError: ffcv helper cannot be loaded"}
+    assert results["gpu_resident"]["images_per_s_median"] > 0
+    assert results["torch_dataloader_workers_0"]["images_per_s_median"] > 0
+    assert seen == [[], ["ffcv_workers_1", "gpu_resident"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["loaders.json"]
+
+
+def test_bench_loaders_budget_skips_and_still_writes(tmp_path):
+    out = tmp_path / "loaders.json"
+    _bench_loaders().main(["--device", "cpu", "--synthetic", "256", "--batch-size", "64", "--skip", "gpu", "ffcv",
+                           "--budget-s", "-1", "--out", str(out)])
+    assert json.loads(out.read_text())["results"] == {
+        f"torch_dataloader_workers_{len(os.sched_getaffinity(0))}": {"error": "skipped: --budget-s spent"}}
+
+
+def test_gpu_suite_preflight_on_cpu(tmp_path):
+    """The preflight stage runs here without a GPU: one line per check, the GPU-only ones marked
+    skipped, the Triton kernel run in the interpreter, and a missing module named in the last
+    line and the exit status (tqdm is made unimportable by a module of that name that raises)."""
+    import sys
+
+    import torch
+
+    from train_helpers import make_data
+
+    data = make_data(tmp_path / "data", n_train=64, n_test=32)
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "tqdm.py").write_text("raise ImportError('tqdm is broken here')\n")
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(tmp_path / "res"),
+           "PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "preflight"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    lines = r.stdout.splitlines()
+
+    def status(check):
+        [line] = [x for x in lines if x.split()[1:2] == [check]]
+        return line.split()[0], line
+
+    for module in ("torch", "ffcv", "ffcv.libffcv", "numba", "matplotlib", "typer", "pytest", "scipy"):
+        assert status(module)[0] in ("ok", "MISSING"), module  # every later stage's import is checked
+    assert status("tqdm") == ("MISSING", status("tqdm")[1]) and "tqdm is broken here" in status("tqdm")[1]
+    assert status("cc")[0] == "ok" and status("data")[0] == "ok"
+    if not torch.cuda.is_available():
+        assert status("cuda")[0] == "SKIPPED" and "no GPU here" in status("cuda")[1]
+        assert status("triton")[0] == "ok" and "TRITON_INTERPRET=1" in status("triton")[1]
+    [summary] = [x for x in lines if x.startswith("preflight: ")]
+    assert summary.startswith("preflight: MISSING") and "tqdm" in summary
+    assert r.returncode == 1
+    stored = json.loads((out / "preflight.json").read_text())
+    assert "tqdm" in stored["missing"] and {c["check"] for c in stored["checks"]} >= {"torch", "triton", "data"}
+    assert (out / "suite_preflight.log").read_text().count("MISSING  tqdm") == 1
