@@ -19,10 +19,11 @@ each loader it measures:
 - compile/warm-up: wall time of its first `--warmup-steps` steps (for the first loader of a
   (model, backend) this includes compilation and autotuning).
 
-The step is the core of train.py's step: forward, label-smoothed cross-entropy, backward,
-optimizer step. Recipe extras (EMA, Lookahead, model perturbation) are left out: they cost the
-same for every backend and loader. A configuration that fails (e.g. a missing Triton kernel)
-gets its error recorded in its row and the benchmark carries on.
+The step is `fastcifar train`'s own (fastcifar.step.TrainStep): forward, label-smoothed
+cross-entropy, backward through the GradScaler, the fused optimizer, and the recipe's extras
+(EMA, Lookahead, model perturbation) where the fast recipe has them, so the figures are those
+of real training. A configuration that fails (e.g. a missing Triton kernel) gets its error
+recorded in its row and the benchmark carries on.
 
 Results: one JSON file (device name, versions, command, settings, one row per configuration),
 rewritten after every (model, backend) so that a run cut short keeps what it measured;
@@ -42,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from beton_data import DEFAULT_DATA_DIR  # noqa: E402
 
 BACKENDS = ("eager", "compiled", "triton")
 LOADERS = ("ffcv", "gpu")
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
             if args.data is None:
                 tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-")))
                 args.data = str(synthetic_data(tmp, n=64))
-        args.data = args.data or "beton_data/cifar10"
+        args.data = args.data or str(DEFAULT_DATA_DIR)
         train_beton = Path(args.data) / "train.beton"
         if not train_beton.is_file():
             sys.exit(f"error: no {train_beton}; run `fastcifar convert` first or pass --data DIR")
@@ -131,36 +132,33 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
                         device: torch.device, args) -> list[dict]:
     """One row per loader for this (model, BN backend); a failure becomes a row's "error"."""
     from fastcifar.models import create_model, get_recipe
-    from fastcifar.optim import build_optimizer
+    from fastcifar.step import TrainStep
 
     rows = [{"model": model_name, "bn_backend": backend, "loader": kind} for kind in loaders]
     gpu = device.type == "cuda"
     try:
         recipe = get_recipe(model_name, "fast")
         batch = args.batch_size or recipe.batch_size
+        if batch != recipe.batch_size:
+            recipe, _ = recipe.for_batch_size(batch)
         torch.manual_seed(0)
         if gpu:
             torch.backends.cudnn.benchmark = True
         model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
         net = model if args.no_compile else torch.compile(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, recipe)
-        scaler = torch.amp.GradScaler(device.type, enabled=gpu)
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if gpu else contextlib.nullcontext
+        # the lr schedule only needs a length; a nominal 50,000-image epoch
+        per_epoch = max(50_000 // batch, 1)
+        train_step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch,
+                               recipe.epochs * per_epoch)
+        count = iter(range(10**12))
 
         def step(images, labels):
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                logits = net(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=recipe.label_smoothing)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            train_step(images, labels, next(count))
 
         for row in rows:
             try:
                 row.update(_measure(step, row["loader"], recipe, batch, train_beton, device, args),
-                           params=sum(p.numel() for p in params), compiled=not args.no_compile)
+                           params=sum(p.numel() for p in train_step.params), compiled=not args.no_compile)
             except Exception as e:  # recorded, not fatal: the other configurations still run
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -182,8 +180,7 @@ def _measure(step, loader_kind, recipe, batch, train_beton, device, args) -> dic
     gpu = device.type == "cuda"
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    loader = make_loader(loader_kind, str(train_beton), batch, train=True,
-                         aug=AugConfig(flip=recipe.flip, translate=recipe.translate, cutout=recipe.cutout),
+    loader = make_loader(loader_kind, str(train_beton), batch, train=True, aug=AugConfig.from_recipe(recipe),
                          device=device, dtype=torch.float16 if gpu else torch.float32, seed=0)
     if len(loader) == 0:
         raise ValueError(f"{train_beton} holds fewer images than one batch of {batch}")

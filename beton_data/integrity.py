@@ -26,7 +26,7 @@ from pathlib import Path
 from beton_data.errors import UserError
 from beton_data.files import atomic_write_json, cache_dir, file_digest
 from beton_data.layout import Contents, LayoutError, read_layout
-from beton_data.manifest import FileRecord, Manifest, identity_of, read_manifest
+from beton_data.manifest import FileRecord, Manifest, class_names, identity_of, read_manifest
 from beton_data.sources import CIFAR_URL
 
 DEFAULT_DATA_DIR = Path("beton_data/cifar10")     # where `fastcifar convert` writes by default
@@ -108,6 +108,7 @@ class DataFiles:
     num_samples: dict             # split -> images
     manifest: Manifest | None
     identity: str | None          # SHA-256 over the files' SHA-256s (manifest.identity_of)
+    classes: tuple                # class names by label: the manifest's, else one per label seen
 
     @property
     def name(self) -> str:
@@ -136,9 +137,14 @@ def check_data(folder: str | Path | None = None, verify: bool | None = None,
                 raise DamagedData(c.path, f"{c.num_samples:,} images, but {manifest.path.name} records "
                                           f"{count:,}", _remedy(manifest))
     digests = {split: c.sha256 or (c.record.sha256 if c.record else None) for split, c in checked.items()}
+    if manifest is not None and manifest.classes:
+        classes = tuple(manifest.classes)
+    else:   # no list of names: as many classes as the highest label says, named by class_names
+        n = max(int(c.contents.labels.max()) + 1 for c in checked.values() if c.num_samples)
+        classes = tuple(class_names(None, n))
     return DataFiles(folder=folder, paths={s: c.path for s, c in checked.items()},
                      num_samples={s: c.num_samples for s, c in checked.items()},
-                     manifest=manifest, identity=identity_of(digests))
+                     manifest=manifest, identity=identity_of(digests), classes=classes)
 
 
 # ---- the digest cache ---------------------------------------------------------------------------

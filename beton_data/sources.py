@@ -26,7 +26,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from beton_data.errors import UserError
 from beton_data.files import (atomic_path, cache_dir, check_writable, file_digest,
@@ -54,6 +53,14 @@ class Dataset:
     classes: tuple = CLASSES
 
 
+def _progress(*args, **kwargs):
+    """A tqdm progress bar, imported when one is drawn: importing the data layer (for its
+    constants or a manifest) needs nothing beyond numpy."""
+    from tqdm import tqdm
+
+    return tqdm(*args, **kwargs)
+
+
 # ---- locating the source ------------------------------------------------------------------------
 
 def download(url: str = CIFAR_URL, md5: str = CIFAR_MD5, cache: Path | None = None) -> Path:
@@ -67,7 +74,7 @@ def download(url: str = CIFAR_URL, md5: str = CIFAR_MD5, cache: Path | None = No
         try:
             with atomic_path(target) as tmp, urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
                 total = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
+                with _progress(total=total, unit="B", unit_scale=True, desc=f"download {target.name}") as bar:
                     for chunk in iter(lambda: r.read(1 << 20), b""):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -150,7 +157,7 @@ def _collect(entries, source: str, digest: str | None, where: str, archive: bool
     batches: dict[str, bytes] = {}
     images: dict[str, list] = {s: [] for s in SPLITS}   # split -> [(label, sort key, name, bytes)]
     prefixes = set()
-    for name, data in tqdm(entries, desc=f"read {Path(where).name}", unit=" files", leave=False):
+    for name, data in _progress(entries, desc=f"read {Path(where).name}", unit=" files", leave=False):
         parts = name.strip("/").split("/")
         base = parts[-1]
         if base.startswith("."):
@@ -276,7 +283,7 @@ def _decode_images(images: dict, where: str) -> dict:
     if n_total >= POOL_MIN_IMAGES:
         pool = get_context("fork").Pool(max(workers, 2), initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
-        with tqdm(total=n_total, desc="decode images", unit=" img") as bar:
+        with _progress(total=n_total, desc="decode images", unit=" img") as bar:
             for split in SPLITS:
                 entries = sorted(images[split], key=lambda e: (e[0], e[1]))
                 if not entries:

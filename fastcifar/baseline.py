@@ -204,17 +204,15 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
     import uuid
 
     from beton_data.files import check_writable
-    from fastcifar.leaderboard import add_entry, data_name, data_sha256
+    from beton_data import check_data
+    from fastcifar.leaderboard import add_entry
     from fastcifar.machine import command_line, device_name, machine_info, resolve_device, versions
     from fastcifar.results import aggregate, format_ci, format_pm, now_iso, write_result
 
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
-    data_dir = Path(data_dir)
-    for split in ("train", "test"):
-        if not (data_dir / f"{split}.beton").is_file():
-            raise UserError(f"no {data_dir / f'{split}.beton'}; run `fastcifar convert` first "
-                            f"(or pass --data DIR with train.beton and test.beton)")
+    data_files = check_data(data_dir)
+    data_dir = data_files.folder
     if original_npz is not None:
         load_npz(original_npz)  # fail now on a bad file, not after the runs
     device = resolve_device(device)
@@ -223,8 +221,8 @@ def calibrate(data_dir: Path, runs: int = 5, original_npz: Optional[Path] = None
     out = Path(out) if out is not None else default_calibration_path(device)
     check_writable(out.parent, "calibrate --out")
     result = {"kind": "airbench_calibration", "id": uuid.uuid4().hex, "name": NAME,
-              "package": f"airbench=={VERSION}", "device": device_name(device), "data": data_name(data_dir),
-              "data_sha256": data_sha256(data_dir), "data_dir": str(data_dir), "command": command_line(),
+              "package": f"airbench=={VERSION}", "device": device_name(device), "data": data_files.name,
+              "data_sha256": data_files.identity, "data_dir": str(data_dir), "command": command_line(),
               "date": now_iso(), "versions": versions(), "machine": machine_info(device),
               "published_acc": PUBLISHED_ACC, "seeds": list(range(seed, seed + runs)), "runs": []}
 

@@ -21,8 +21,6 @@ app = typer.Typer(
          "Start with `fastcifar convert`, then `fastcifar train --model resnet_2111`.",
 )
 
-DEFAULT_DATA = Path("beton_data/cifar10")
-
 
 def _pairs(items: list[str], flag: str, form: str = "KEY=VALUE") -> dict[str, str]:
     """Repeated `FLAG KEY=VALUE` options as a dict (later ones win)."""
@@ -224,7 +222,7 @@ def speedrun(
                                                      "A record needs at least 5."),
     baseline: bool = typer.Option(True, "--baseline/--no-baseline",
                                   help="Also time airbench94 (airbench==0.1.8, CUDA only) on the same data and device."),
-    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA})."),
+    data: Optional[Path] = typer.Option(None, "--data", help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA_DIR})."),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="Result file (default: bench/results/speedrun_<model>_<device>.json); "
                                             "leaderboard entries go beside it."),
@@ -253,7 +251,7 @@ def speedrun(
 
 @app.command()
 def calibrate(
-    data: Path = typer.Option(DEFAULT_DATA, "--data", help="Folder with train.beton and test.beton."),
+    data: Path = typer.Option(DEFAULT_DATA_DIR, "--data", help="Folder with train.beton and test.beton."),
     runs: int = typer.Option(5, "--runs", "-n", help="Timed runs (seeds SEED..SEED+N-1), after one untimed warm-up."),
     original_npz: Optional[Path] = typer.Option(None, "--original-npz", metavar="NPZ",
                                                 help="Also score each trained network on these images, e.g. the "

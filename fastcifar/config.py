@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-DEFAULT_DATA = "beton_data/cifar10"
+from beton_data import DEFAULT_DATA_DIR
 
 
 def option(default, *flags: str, help: str, metavar: Optional[str] = None, resumable: bool = False):
@@ -27,7 +27,7 @@ class TrainConfig:
     model: Optional[str] = option(None, "--model", "-m", metavar="NAME", help="Zoo model to train (see `fastcifar models`). Not needed with --resume.")
     recipe_tag: Optional[str] = option(None, "--recipe", metavar="report|fast", help="Start from the model's `report` recipe (as its report wrote it) or the tuned `fast` one (default).")
     config_file: Optional[str] = option(None, "--config", metavar="FILE", help="JSON object of recipe fields, applied on top of --recipe.")
-    data: Optional[str] = option(None, "--data", metavar="DIR", resumable=True, help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA}).")
+    data: Optional[str] = option(None, "--data", metavar="DIR", resumable=True, help=f"Folder with train.beton and test.beton (default: {DEFAULT_DATA_DIR}).")
     out: Optional[str] = option(None, "--out", "-o", metavar="DIR", help="Run folder (default: runs/<model>-<timestamp>).")
     device: str = option("auto", "--device", metavar="DEVICE", resumable=True, help="auto (cuda if available), cuda, cuda:N or cpu.")
     compile: Optional[bool] = option(None, "--compile/--no-compile", help="torch.compile the model (default: on for GPU, off for CPU).")

@@ -2,14 +2,13 @@
 and the `fastcifar eval` command (a trained run or checkpoint on any .beton)."""
 from __future__ import annotations
 
-import json
 import contextlib
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from beton_data.sources import CLASSES
+from beton_data import DEFAULT_DATA_DIR, class_names
 from fastcifar import dist
 from fastcifar.errors import UserError
 
@@ -93,25 +92,6 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
             "per_class_acc": per_class, "confusion": cm.tolist()}
 
 
-def class_names(data_dir: Path | None, num_classes: int | None = None) -> list[str]:
-    """Class names from the data folder's manifest.json when it has them, else CIFAR-10's
-    (``num_classes``: only a list of that length will do; None: whatever the data has)."""
-    if data_dir is not None:
-        manifest = Path(data_dir) / "manifest.json"
-        if manifest.is_file():
-            try:
-                meta = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError):
-                meta = {}
-            for key in ("classes", "class_names"):
-                names = meta.get(key) if isinstance(meta, dict) else None
-                if isinstance(names, list) and names and num_classes in (None, len(names)):
-                    return [str(c) for c in names]
-    if num_classes in (None, len(CLASSES)):
-        return list(CLASSES)
-    return [str(i) for i in range(num_classes)]
-
-
 # -----------------------------------------------------------------------------
 # `fastcifar eval`
 
@@ -132,7 +112,7 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
             raise UserError(f"{path} is not a fastcifar checkpoint (no {key!r})")
     cfg = ckpt.get("config", {})
     if beton is None:
-        data_dir = Path(data if data is not None else cfg.get("data", "beton_data/cifar10"))
+        data_dir = Path(data if data is not None else cfg.get("data", DEFAULT_DATA_DIR))
         beton = data_dir / "test.beton"
     beton = Path(beton)
     if not beton.is_file():

@@ -54,6 +54,7 @@ from typing import Iterable, Optional
 
 from beton_data.files import check_writable
 from fastcifar.errors import UserError
+from fastcifar.summary import from_dict as summary_from_dict
 from fastcifar.results import (ACCURACY_MARGIN, atomic_write_text, compare, describe, format_ci, format_p,
                                format_pm, now_iso)
 
@@ -195,21 +196,21 @@ def _entries_of(path: Path, data, warn) -> list[dict]:
     return []
 
 
-def _entry_from_summary(s: dict) -> Optional[dict]:
+def _entry_from_summary(d: dict) -> Optional[dict]:
     """A finished `fastcifar train` run's summary.json as a single-run entry (None otherwise)."""
-    if s.get("status") not in ("completed", "target_reached") or not _is_number(s.get("final_acc")):
+    s = summary_from_dict(d)
+    if not s.is_result or not _is_number(s.final_acc):
         return None
-    name = s.get("data_name") or (data_name(Path(s["data"])) if s.get("data") else "?")
     return validate_entry({
-        "kind": "train", "id": s.get("run_id") or uuid.uuid4().hex, "model": s.get("model", "?"),
-        "recipe": s.get("recipe_tag", "?"), "device": s.get("device", "?"),
-        "data": name, "data_sha256": s.get("data_sha256"),
-        "settings": settings_of(s.get("recipe"), s.get("model_options"), precision=s.get("precision"),
-                                world_size=s.get("world_size"), bn_backend=s.get("bn_backend"),
-                                loader=s.get("loader"), compile=s.get("compile")),
-        "accuracies": [s["final_acc"]], "times_s": [s.get("train_time_s")],
-        "date": s.get("finished") or now_iso(), "versions": s.get("versions", {}),
-        "command": s.get("command", ""),
+        "kind": "train", "id": s.run_id or uuid.uuid4().hex, "model": s.model or "?",
+        "recipe": s.recipe_tag or "?", "device": s.device or "?",
+        "data": s.data_name or "?", "data_sha256": s.data_sha256,
+        "settings": settings_of(s.recipe, s.model_options, precision=s.precision,
+                                world_size=s.world_size, bn_backend=s.bn_backend,
+                                loader=s.loader, compile=s.compile),
+        "accuracies": [s.final_acc], "times_s": [s.train_time_s],
+        "date": s.finished or now_iso(), "versions": s.versions or {},
+        "command": s.command or "",
     })
 
 
@@ -428,27 +429,6 @@ def leaderboard(results: list[Path], out: Optional[Path], plot: Optional[Path], 
         print(render_markdown(rows, margin), end="")
         print(f"wrote {out}" + (f" and {plot}" if drawn else ""))
     return rows
-
-
-def data_name(data_dir: Path) -> str:
-    """A short name for the data: the source in the folder's manifest (file name without
-    archive extensions), marked '(lossy)' for a JPEG copy."""
-    try:
-        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return f"{Path(data_dir).name} (no manifest)"
-    source = str(manifest.get("source", "?")).rstrip("/")
-    name = re.sub(r"(\.tar\.gz|\.tgz|\.tar|\.zip)$", "", source.rsplit("/", 1)[-1])
-    return f"{name} (lossy)" if manifest.get("lossy_source") else name
-
-
-def data_sha256(data_dir: Path) -> Optional[str]:
-    """The identity of the data in ``data_dir``: the SHA-256 of its manifest.json, which
-    records the source's checksum and every split; None without a manifest."""
-    from beton_data.files import file_digest
-
-    path = Path(data_dir) / "manifest.json"
-    return file_digest(path) if path.is_file() else None
 
 
 def _is_number(v) -> bool:

@@ -33,7 +33,8 @@ from typing import Optional
 
 from beton_data.files import check_writable
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import add_entry, data_name, data_sha256, settings_of
+from beton_data import check_data
+from fastcifar.leaderboard import add_entry, settings_of
 from fastcifar.machine import command_line, device_name, machine_info, resolve_device
 from fastcifar.results import (ACCURACY_MARGIN, ALPHA, RECORD_MIN_RUNS, aggregate, compare, device_slug, format_ci,
                                format_p, format_pm, now_iso, write_result)
@@ -53,18 +54,14 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     """Run the speedrun; returns the result written to ``out``."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
-    from fastcifar.train import DEFAULT_DATA
 
     # --- check everything before the first (long) run ------------------------------------------
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
-    data = Path(data or DEFAULT_DATA)
-    for split in ("train", "test"):
-        if not (data / f"{split}.beton").is_file():
-            raise UserError(f"no {data / f'{split}.beton'}; run `fastcifar convert` first "
-                            f"(or pass --data DIR with train.beton and test.beton)")
+    data_files = check_data(data)   # refuses missing or damaged data before the first run
+    data = data_files.folder
     recipe = get_recipe(model, "fast")  # UserError for an unknown model
     try:
         recipe = recipe.replace(**(overrides or {}))
@@ -89,7 +86,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     result = {
         "kind": "speedrun_result", "id": uuid.uuid4().hex, "model": model, "recipe": "fast",
         "recipe_fields": recipe.to_dict(), "overrides": dict(overrides or {}),
-        "data": data_name(data), "data_sha256": data_sha256(data), "data_dir": str(data),
+        "data": data_files.name, "data_sha256": data_files.identity, "data_dir": str(data),
         "command": command_line(), "date": now_iso(), "seeds": list(range(seed, seed + runs)),
         "loader": loader, "accuracy_margin": margin, "status": "running", "runs": [], "baseline": None,
     }
@@ -239,10 +236,12 @@ class _Recorder:
 def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backend, compile) -> dict:
     from fastcifar.train import TrainConfig, train
 
+    # timed runs: evaluate after the last epoch only, and write nothing but the final result
+    # (no per-epoch checkpoints, no TensorBoard events) inside the timed region
     cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}), data=str(data),
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
-                      compile=compile, eval_every=10**9,  # evaluate after the last epoch only
-                      progress=False)
+                      compile=compile, eval_every=10**9, progress=False, tensorboard=False,
+                      epoch_checkpoints=False)
     summary = train(cfg)
     if summary.get("signal") is not None:
         import signal

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from beton_data import data_name
+
 # How a run ended (summary["status"]). Only "completed" and "target_reached" are results.
 STATUSES = ("completed", "target_reached", "interrupted", "max_steps")
 FINISHED = ("completed", "target_reached")
@@ -78,8 +80,8 @@ def from_dict(d: dict) -> RunSummary:
     for name, f in _FIELDS.items():
         if known.get(name) is None and f.default is not dataclasses.MISSING:
             known[name] = f.default
-    if known.get("data_name") is None and known.get("data"):
-        known["data_name"] = Path(known["data"]).name
+    if known.get("data_name") is None and known.get("data"):   # files from before data_name
+        known["data_name"] = data_name(known["data"])
     return RunSummary(**known, extra={k: v for k, v in d.items() if k not in _FIELDS})
 
 

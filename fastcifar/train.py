@@ -38,12 +38,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from beton_data import DEFAULT_DATA_DIR, DataFiles, check_data
 from beton_data.files import FileLock, check_writable, remove_stale_temporaries
 from fastcifar import dist
-from fastcifar.config import DEFAULT_DATA, TrainConfig
+from fastcifar.config import TrainConfig
 from fastcifar.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
-from fastcifar.evaluate import class_names, evaluate
+from fastcifar.evaluate import evaluate
 from fastcifar.machine import command_line, device_name, resolve_device, sync, versions
 from fastcifar.optim import FUSED
 from fastcifar.recipe import Recipe
@@ -105,6 +106,7 @@ class Run:
     target: Optional[float]
     n_params: int
     notes: list
+    data: DataFiles
     last_eval: Optional[dict] = None
 
 
@@ -116,6 +118,8 @@ def train(cfg: TrainConfig) -> dict:
     cfg, recipe, ckpt, notes = _resolve(cfg)
     device = torch.device(cfg.device)
     info = dist.init(device.type)
+    # refuses missing, damaged or foreign data before any work; hashes each new file once
+    data = check_data(cfg.data, verify=None if info.is_main else False, say=print if info.is_main else None)
     if device.type == "cuda":
         # under torchrun each process takes its local rank's GPU; alone, the one asked for
         index = info.local_rank if info.enabled or device.index is None else device.index
@@ -124,7 +128,7 @@ def train(cfg: TrainConfig) -> dict:
     run = None
     try:
         with _StopOnSignal() as stop:
-            run = _setup(cfg, recipe, ckpt, info, device, clock, notes)
+            run = _setup(cfg, recipe, ckpt, data, info, device, clock, notes)
             return _finish(run, _loop(run, stop), stop)
     except _NonFinite:
         s = run.state
@@ -148,27 +152,25 @@ def train(cfg: TrainConfig) -> dict:
         dist.cleanup(info)
 
 
-def _setup(cfg, recipe, ckpt, info, device, clock, notes) -> Run:
+def _setup(cfg, recipe, ckpt, data, info, device, clock, notes) -> Run:
     """Everything a session needs: data, model, optimisation state (from the checkpoint when
     resuming), the run folder (locked) with its config.json, and the log."""
-    data_dir = Path(cfg.data)
-    classes = _data_classes(data_dir, cfg.model_options)
+    classes = _data_classes(data, cfg.model_options)
     run_dir = _run_dir(cfg, info)
     lock = _claim(run_dir, info) if cfg.resume else None   # before anything else: is it ours?
     try:
-        return _build(cfg, recipe, ckpt, info, device, clock, notes, classes, run_dir, lock)
+        return _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir, lock)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def _build(cfg, recipe, ckpt, info, device, clock, notes, classes, run_dir, lock) -> Run:
+def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir, lock) -> Run:
     from beton_data import AugConfig, make_loader
     from fastcifar.models import create_model
 
     main = info.is_main
-    data_dir = Path(cfg.data)
     if recipe.batch_size % info.world_size:
         raise UserError(f"batch size {recipe.batch_size} does not split over {info.world_size} processes")
 
@@ -192,9 +194,9 @@ def _build(cfg, recipe, ckpt, info, device, clock, notes, classes, run_dir, lock
     per_rank = recipe.batch_size // info.world_size
     common = dict(device=device, dtype=in_dtype, seed=cfg.seed, rank=info.rank,
                   world_size=info.world_size, num_workers=cfg.num_workers)
-    aug = AugConfig(flip=recipe.flip, translate=recipe.translate, cutout=recipe.cutout)
-    train_loader = make_loader(cfg.loader, str(data_dir / "train.beton"), per_rank, train=True, aug=aug, **common)
-    test_loader = make_loader(cfg.loader, str(data_dir / "test.beton"), max(per_rank, 500), train=False,
+    train_loader = make_loader(cfg.loader, str(data.paths["train"]), per_rank, train=True,
+                               aug=AugConfig.from_recipe(recipe), **common)
+    test_loader = make_loader(cfg.loader, str(data.paths["test"]), max(per_rank, 500), train=False,
                               aug=None, **common)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -236,7 +238,8 @@ def _build(cfg, recipe, ckpt, info, device, clock, notes, classes, run_dir, lock
     return Run(cfg=cfg, recipe=recipe, info=info, device=device, run_dir=run_dir, model=model, net=net,
                eval_net=eval_net, step=step, train_loader=train_loader, test_loader=test_loader,
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
-               lock=lock, target=target, n_params=sum(p.numel() for p in step.params), notes=notes)
+               lock=lock, target=target, n_params=sum(p.numel() for p in step.params), notes=notes,
+               data=data)
 
 
 def _loop(run: Run, stop: "_StopOnSignal") -> Outcome:
@@ -413,10 +416,10 @@ def _save(run: Run) -> None:
 def _summary(run: Run, outcome: Outcome) -> dict:
     s, cfg, ev = run.state, run.cfg, run.last_eval
     times = run.clock.totals()
-    name, sha = _data_identity(Path(cfg.data))
     return RunSummary(
         model=cfg.model, model_options=cfg.model_options, params=run.n_params, recipe=run.recipe.to_dict(),
-        recipe_tag=cfg.recipe_tag, seed=cfg.seed, data=cfg.data, data_name=name, data_sha256=sha,
+        recipe_tag=cfg.recipe_tag, seed=cfg.seed, data=cfg.data, data_name=run.data.name,
+        data_sha256=run.data.identity,
         device=device_name(run.device), world_size=run.info.world_size, precision=cfg.precision,
         compile=cfg.compile, compile_mode=cfg.compile_mode, bn_backend=cfg.bn_backend, loader=cfg.loader,
         versions=versions(), command=command_line(), run_id=run.run_dir.name, run_dir=str(run.run_dir),
@@ -432,12 +435,13 @@ def _summary(run: Run, outcome: Outcome) -> dict:
 def _plots(run: Run) -> None:
     if not run.state.history:
         return
-    from fastcifar.plots import plot_confusion, plot_curves
+    from fastcifar.plots import plot_confusion, plot_curves, plot_or_skip
 
-    plot_curves(run.state.history, run.run_dir / "curves.png")
+    # a missing or broken matplotlib costs the pictures, never the run
+    plot_or_skip(plot_curves, run.state.history, run.run_dir / "curves.png", say=run.log.say)
     if run.last_eval is not None:
-        plot_confusion(run.last_eval["confusion"], run.classes, run.run_dir / "confusion.png",
-                       title=f"{run.cfg.model}: test accuracy {100 * run.last_eval['acc']:.2f}%")
+        plot_or_skip(plot_confusion, run.last_eval["confusion"], run.classes, run.run_dir / "confusion.png",
+                     title=f"{run.cfg.model}: test accuracy {100 * run.last_eval['acc']:.2f}%", say=run.log.say)
 
 
 def _epoch_line(r: dict, epochs: int, averaged: bool) -> str:
@@ -496,11 +500,7 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe, Optional[dict], lis
     if cfg.target is not None and not 0 < cfg.target <= 100:
         raise UserError("--target is an accuracy: 0.94 or 94 (percent)")
     check_tensorboard(cfg.tensorboard)
-    data = Path(cfg.data or DEFAULT_DATA)
-    for split in ("train", "test"):
-        if not (data / f"{split}.beton").is_file():
-            raise UserError(f"no {data / f'{split}.beton'}; run `fastcifar convert` first "
-                            f"(or pass --data DIR with train.beton and test.beton)")
+    data = Path(cfg.data or DEFAULT_DATA_DIR)
     cfg = dataclasses.replace(cfg, device=device, compile=compile_, precision=precision, bn_backend=bn_backend,
                               loader=loader, eval_every=eval_every, recipe_tag=recipe_tag,
                               seed=0 if cfg.seed is None else cfg.seed, data=str(data.resolve()),
@@ -566,26 +566,15 @@ def _resolve_recipe(model: str, tag: str, config_file: Optional[str], overrides:
     return recipe, notes
 
 
-def _data_classes(data_dir: Path, model_options: dict) -> list[str]:
+def _data_classes(data: DataFiles, model_options: dict) -> list[str]:
     """The class names of the data: the one owner of the number of classes (the model, the
     loss, the evaluation and the confusion matrix all take it from here)."""
-    names = class_names(data_dir)
+    names = list(data.classes)
     asked = model_options.pop("num_classes", None)
     if asked is not None and int(asked) != len(names):
-        raise UserError(f"the data in {data_dir} has {len(names)} classes; the model's number of classes "
-                        f"comes from the data (drop --model-opt num_classes={asked})")
+        raise UserError(f"the data in {data.folder} has {len(names)} classes; the model's number of "
+                        f"classes comes from the data (drop --model-opt num_classes={asked})")
     return names
-
-
-def _data_identity(data_dir: Path) -> tuple[str, Optional[str]]:
-    from fastcifar.leaderboard import data_name
-    import json
-
-    try:
-        manifest = json.loads((data_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    return data_name(data_dir), manifest.get("source_sha256")
 
 
 def _run_dir(cfg: TrainConfig, info: dist.DistInfo) -> Path:

@@ -7,6 +7,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Checksums of .beton files are cached (beton_data.integrity); the tests' cache is their own, in
+# a temporary folder, never the user's ~/.cache/fastcifar. Subprocesses inherit it.
+if "FASTCIFAR_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FASTCIFAR_CACHE"] = tempfile.mkdtemp(prefix="fastcifar-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FASTCIFAR_CACHE"], ignore_errors=True)
+
 
 import pytest  # noqa: E402
 

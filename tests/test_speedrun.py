@@ -13,7 +13,8 @@ import torch
 from fastcifar import baseline as ab
 from fastcifar.cli import main
 from fastcifar.errors import UserError
-from fastcifar.leaderboard import ENTRY_DIR, collect, data_name
+from beton_data import data_name
+from fastcifar.leaderboard import ENTRY_DIR, collect
 from fastcifar.results import device_slug
 from fastcifar.speedrun import report_lines, speedrun
 
