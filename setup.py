@@ -20,6 +20,9 @@ setup(
         "matplotlib",
         "scipy",        # confidence intervals and Welch tests of speedrun and leaderboard results
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "tensorboard": ["tensorboard"],          # `fastcifar train` logs to TensorBoard when present
+        "test": ["pytest", "tensorboard"],
+    },
     entry_points={"console_scripts": ["fastcifar=fastcifar.cli:main"]},
 )

@@ -46,4 +46,6 @@ class TrainConfig:
     # set by the command line's --set/--epochs/... and --model-opt, or by callers
     overrides: dict = field(default_factory=dict)        # recipe field -> value (strings are parsed)
     model_options: dict = field(default_factory=dict)    # extra create_model() keyword arguments
-    epoch_checkpoints: bool = True                       # off: last.pt only at the end (speedrun)
+    # a timed run (speedrun) writes nothing it does not need: no per-epoch checkpoints, no plots
+    epoch_checkpoints: bool = True                       # off: last.pt only at the end
+    plots: bool = True                                   # curves.png and confusion.png at the end

@@ -237,11 +237,11 @@ def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backen
     from fastcifar.train import TrainConfig, train
 
     # timed runs: evaluate after the last epoch only, and write nothing but the final result
-    # (no per-epoch checkpoints, no TensorBoard events) inside the timed region
+    # (no per-epoch checkpoints, TensorBoard events or plots)
     cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}), data=str(data),
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
                       compile=compile, eval_every=10**9, progress=False, tensorboard=False,
-                      epoch_checkpoints=False)
+                      epoch_checkpoints=False, plots=False)
     summary = train(cfg)
     if summary.get("signal") is not None:
         import signal

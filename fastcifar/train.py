@@ -360,7 +360,8 @@ def _finish(run: Run, outcome: Outcome, stop: "_StopOnSignal") -> dict:
     summary = _summary(run, outcome)
     if run.info.is_main:
         atomic_write_json(run.run_dir / "summary.json", summary)
-        _plots(run)
+        if run.cfg.plots:
+            _plots(run)
         resume = f"continue with `fastcifar train --resume {run.run_dir}`"
         if outcome is Outcome.INTERRUPTED:
             run.log.say(f"interrupted by {signal.Signals(stop.signum).name}: checkpoint written to "
@@ -517,10 +518,10 @@ def _resumed(cfg: TrainConfig, ckpt: dict, run: Path) -> TrainConfig:
     given = {k for k in fields if getattr(cfg, k) != getattr(fresh, k)} - {"resume"}
     conflicts = []
     for name in sorted(given):
-        if fields[name].metadata.get("resumable") or name == "epoch_checkpoints":
+        if fields[name].metadata.get("resumable") or name in ("epoch_checkpoints", "plots"):
             continue
         if name == "overrides":
-            conflicts += [f"--set {k}" for k, v in cfg.overrides.items()
+            conflicts += [f"recipe field {k}" for k, v in cfg.overrides.items()
                           if str(v) != str(ckpt["recipe"].get(k.replace("-", "_")))]
         elif getattr(cfg, name) != getattr(saved, name):
             flag = fields[name].metadata.get("flags", (f"{name}",))[0].split("/")[0]

@@ -73,6 +73,28 @@ def test_speedrun_cpu_two_runs_writes_result_and_entry(tiny, tmp_path, capsys):
     assert "speedrun_net run 2/2 (seed 4)" in printed and "accuracy" in printed and "time" in printed
 
 
+def test_timed_runs_write_only_their_final_result(tiny, tmp_path, monkeypatch):
+    """Two epochs per run: one checkpoint per run (at its end), no plots, no TensorBoard events,
+    one evaluation (after the last epoch)."""
+    import fastcifar.plots as plots
+    import fastcifar.train as T
+
+    calls = {"save": 0, "plot": 0, "eval": 0}
+    real_save, real_eval = T.save_checkpoint, T.evaluate
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: calls.__setitem__("save", calls["save"] + 1)
+                        or real_save(*a, **k))
+    monkeypatch.setattr(T, "evaluate", lambda *a, **k: calls.__setitem__("eval", calls["eval"] + 1)
+                        or real_eval(*a, **k))
+    monkeypatch.setattr(plots, "plot_curves", lambda *a, **k: calls.__setitem__("plot", calls["plot"] + 1))
+    made = []
+    real_train = T.train
+    monkeypatch.setattr(T, "train", lambda cfg: made.append(cfg) or real_train(cfg))
+    speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+             device="cpu", overrides={"epochs": "2", "batch_size": "32"})
+    assert calls == {"save": 2, "plot": 0, "eval": 2}       # warm-up run + 1 timed run
+    assert all(cfg.tensorboard is False and not cfg.epoch_checkpoints and not cfg.plots for cfg in made)
+
+
 def test_report_lines_with_baseline():
     result = {"model": "speedrun_net", "device": "NVIDIA H100 80GB HBM3", "data": "cifar10",
               "runs": [{}, {}], "accuracy_mean": 0.9412, "accuracy_std": 0.001, "time_mean_s": 2.0,

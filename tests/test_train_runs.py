@@ -64,7 +64,7 @@ def test_resume_refuses_options_that_would_change_the_run(data, tmp_path):
 def test_cli_resume_with_conflicting_flags_is_one_line(data, tmp_path):
     out = tmp_path / "run"
     train(small_config(data, out, max_steps=2))
-    r = subprocess.run(CLI + ["train", "--resume", str(out), "--model", "speedrun_net", "--epochs", "5",
+    r = subprocess.run(CLI + ["train", "--resume", str(out), "--model", "resnet_2111", "--epochs", "5",
                               "-b", "32", "--lr", "0.5"], capture_output=True, text=True, env=subprocess_env(),
                        timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -194,8 +194,10 @@ def test_batch_size_alone_scales_the_learning_rate(data, tmp_path):
     conf.write_text(json.dumps({"lr": 0.05}))
     recipe, notes = T._resolve_recipe("speedrun_net", "fast", str(conf), {"batch_size": "256"})
     assert recipe.lr == 0.05 and not notes                          # so does a config file's lr
+    from fastcifar.models import get_recipe
+    report = get_recipe("resnet_2111", "report")
     recipe, notes = T._resolve_recipe("resnet_2111", "report", None, {"batch_size": "64"})
-    assert recipe.lr == pytest.approx(0.01 * (64 / 128) ** 0.5) and recipe.optimizer == "adam"
+    assert recipe.optimizer == "adam" and recipe.lr == pytest.approx(report.lr * (64 / report.batch_size) ** 0.5)
 
 
 def test_scaled_learning_rate_is_printed_and_recorded(data, tmp_path):
@@ -220,16 +222,18 @@ def test_number_of_classes_comes_from_the_data(tmp_path):
         labels = np.arange(n) % 5
         images = PALETTE[labels][:, None, None, :] + rng.normal(0, 30, (n, 32, 32, 3))
         write_beton(folder / f"{split}.beton", np.clip(images, 0, 255).astype(np.uint8), labels)
-    s = train(small_config(folder, tmp_path / "run", overrides=dict(epochs=2)))
-    assert list(s["per_class_acc"]) == ["0", "1", "2", "3", "4"] and s["final_acc"] > 0.4
+    s = train(small_config(folder, tmp_path / "run", overrides=dict(epochs=3)))
+    assert list(s["per_class_acc"]) == ["0", "1", "2", "3", "4"] and s["final_acc"] > 0.3   # chance: 0.2
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ckpt["num_classes"] == 5 and ckpt["model"]["fc.weight"].shape[0] == 5
     from fastcifar.evaluate import run_eval
     r = run_eval(tmp_path / "run", quiet=True)
     assert len(r["confusion"]) == 5 and r["acc"] == pytest.approx(s["final_acc"])
     with pytest.raises(UserError, match="has 5 classes; the model's number of classes comes from the data"):
-        train(small_config(folder, tmp_path / "r2", model_options=dict(TINY, num_classes=10)))
-    s = train(small_config(folder, tmp_path / "r3", max_steps=1, model_options=dict(TINY, num_classes=5)))
+        train(TrainConfig(model=MODEL, model_options=dict(TINY, num_classes=10), data=str(folder),
+                          out=str(tmp_path / "r2"), progress=False))
+    s = train(TrainConfig(model=MODEL, model_options=dict(TINY, num_classes=5), data=str(folder),
+                          out=str(tmp_path / "r3"), max_steps=1, progress=False))
     assert s["steps"] == 1
 
 
@@ -252,7 +256,7 @@ def test_tensorboard_events_per_step_and_per_epoch(data, tmp_path):
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in ea.Scalars("test/acc")] == pytest.approx([r["test_acc"] for r in history])
     lr = {e.step: e.value for e in ea.Scalars("train/lr")}
-    assert lr[1] == pytest.approx(0.05)
+    assert [lr[r["step"]] for r in history] == pytest.approx([r["lr"] for r in history])
 
 
 def test_tensorboard_off_and_missing(data, tmp_path, monkeypatch):
