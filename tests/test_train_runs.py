@@ -231,9 +231,9 @@ def test_number_of_classes_comes_from_the_data(tmp_path):
     assert len(r["confusion"]) == 5 and r["acc"] == pytest.approx(s["final_acc"])
     with pytest.raises(UserError, match="has 5 classes; the model's number of classes comes from the data"):
         train(TrainConfig(model=MODEL, model_options=dict(TINY, num_classes=10), data=str(folder),
-                          out=str(tmp_path / "r2"), progress=False))
+                          out=str(tmp_path / "r2"), overrides=dict(batch_size=64), progress=False))
     s = train(TrainConfig(model=MODEL, model_options=dict(TINY, num_classes=5), data=str(folder),
-                          out=str(tmp_path / "r3"), max_steps=1, progress=False))
+                          out=str(tmp_path / "r3"), overrides=dict(batch_size=64), max_steps=1, progress=False))
     assert s["steps"] == 1
 
 
