@@ -16,15 +16,19 @@ Outputs are filled with NaN before each launch (POISON), so an element no kernel
 """
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.batchnorm as impl
-from kernels import BatchNormReLU2d, bn_relu
+import kernels.bn_kernels as K
+from fastcifar.models.norm import NormAct
+from kernels import bn_relu
 from kernels.reference import bn_relu_reference
 
 # CPU (interpreter) here; on a GPU machine the same tests run the compiled kernels.
@@ -135,7 +139,8 @@ def test_small_blocks(monkeypatch, shape, cl, dtype, training, residual):
     """Tiny blocks force what real sizes do on a GPU: several channel blocks per row (also
     channels-last), several programs each merging several row blocks, ragged last blocks."""
     monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
-    geo = impl._Geometry(torch.empty(shape), cl)
+    x = torch.empty(shape)
+    geo = impl.geometry(x.contiguous(memory_format=torch.channels_last) if cl else x)
     assert geo.c_blocks > 1 and geo.P > 1 and geo.blocks_per_prog > 1
     check_case(shape, dtype, cl, training, True, residual, seed=100)
 
@@ -157,7 +162,7 @@ def test_statistics_survive_cancellation():
 
 
 def test_module_matches_batchnorm2d_relu():
-    """BatchNormReLU2d against nn.Sequential(nn.BatchNorm2d, nn.ReLU): outputs, gradients,
+    """NormAct on the triton backend against nn.Sequential(nn.BatchNorm2d, nn.ReLU): outputs, gradients,
     running stats and num_batches_tracked over training steps, then eval. Also a loss
     whose gradient is not dense (sum over all elements gives an expanded dy)."""
     torch.manual_seed(0)
@@ -165,7 +170,7 @@ def test_module_matches_batchnorm2d_relu():
     with torch.no_grad():
         ref[0].weight.uniform_(0.5, 1.5)
         ref[0].bias.uniform_(-0.5, 0.5)
-    mod = BatchNormReLU2d(6)
+    mod = NormAct(6, backend="triton")
     ref.to(DEV), mod.to(DEV)
     mod.load_state_dict({k.removeprefix("0."): v for k, v in ref.state_dict().items()})
     for step in range(2):
@@ -195,19 +200,20 @@ def test_module_cumulative_momentum():
     """momentum=None: cumulative average of the batch statistics, as nn.BatchNorm2d."""
     torch.manual_seed(1)
     ref = nn.BatchNorm2d(4, momentum=None).to(DEV)
-    mod = BatchNormReLU2d(4, momentum=None, relu=False).to(DEV)
+    mod = NormAct(4, relu=False, momentum=None, backend="triton").to(DEV)
     for _ in range(3):
         x = torch.randn(2, 4, 3, 3, device=DEV) * 3 + 2
         torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mod.running_var, ref.running_var)
     torch.testing.assert_close(mod.running_mean, ref.running_mean)
+    assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
 
 
 def test_state_dict_interop():
     """Keys and shapes equal nn.BatchNorm2d's; nn.Sequential(BatchNorm2d, ReLU) keys are the
     same with a "0." prefix, and strict loading works both ways."""
     seq = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
-    mod = BatchNormReLU2d(5)
+    mod = NormAct(5, backend="triton")
     with torch.no_grad():
         for t in (seq[0].weight, seq[0].bias, seq[0].running_mean):
             t.normal_()
@@ -273,7 +279,7 @@ def test_bad_inputs():
 
 
 def test_torch_compile_fullgraph():
-    """A small residual network built on BatchNormReLU2d compiles with fullgraph=True (no
+    """A small residual network built on NormAct (triton backend) compiles with fullgraph=True (no
     graph breaks: the custom ops have fake impls, the running-stats mutation is declared) and
     matches eager in outputs, gradients and running statistics."""
 
@@ -281,9 +287,9 @@ def test_torch_compile_fullgraph():
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-            self.bn1 = BatchNormReLU2d(6)
+            self.bn1 = NormAct(6, backend="triton")
             self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
-            self.bn2 = BatchNormReLU2d(6)
+            self.bn2 = NormAct(6, backend="triton")
 
         def forward(self, x):
             h = self.bn1(self.conv1(x))
@@ -306,3 +312,114 @@ def test_torch_compile_fullgraph():
     assert compiled_net.bn1.num_batches_tracked.item() == 2
     eager.eval(), compiled.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side cost: launches, dispatch, cached geometry
+
+KERNELS = ("fwd_stats_kernel", "fwd_finalize_kernel", "fwd_apply_kernel", "bwd_reduce_kernel",
+           "bwd_finalize_kernel", "bwd_dx_kernel")
+
+
+def _count_launches(monkeypatch) -> collections.Counter:
+    """Counts each kernel's launches (`kernel[grid](...)` calls `kernel.run`) and still runs them."""
+    counts = collections.Counter()
+    for name in KERNELS:
+        kernel = getattr(K, name)
+
+        def run(*args, _run=kernel.run, _name=name, **kwargs):
+            counts[_name] += 1
+            return _run(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", run)
+    return counts
+
+
+class _OpLog(TorchDispatchMode):
+    """The ops a region dispatches (each op's own internals run below the mode, unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_launches_per_step(monkeypatch):
+    """One training step of a layer launches three kernels forward (statistics; finalize,
+    which also moves the running statistics; apply) and three backward (reduce, finalize, dx);
+    the batch count and the running statistics cost no launch of their own. Eval's forward is
+    the apply kernel alone."""
+    counts = _count_launches(monkeypatch)
+    mod = NormAct(8, backend="triton").to(DEV)
+    x = torch.randn(2, 8, 4, 4, device=DEV, requires_grad=True)
+    with _OpLog() as log:
+        y = mod(x)
+    assert dict(counts) == {"fwd_stats_kernel": 1, "fwd_finalize_kernel": 1, "fwd_apply_kernel": 1}
+    # the module adds no aten work of its own (no num_batches_tracked.add_, no running-stats op)
+    assert log.ops == ["aten.detach.default", "fastcifar.bn_stats_.default",
+                       "fastcifar.bn_relu_apply.default"]
+    assert mod.num_batches_tracked.item() == 1
+    y.backward(torch.randn_like(y))
+    assert dict(counts) == {name: 1 for name in KERNELS}
+    counts.clear()
+    mod.eval()
+    with torch.no_grad():
+        mod(x)
+    assert dict(counts) == {"fwd_apply_kernel": 1}
+    assert mod.num_batches_tracked.item() == 1
+
+
+def test_geometry_is_cached(monkeypatch):
+    """Launch geometry is computed once per (shape, layout, device, overrides): a second
+    training step derives nothing."""
+    impl._geometry.cache_clear()
+    x = torch.randn(2, 8, 4, 4, device=DEV, requires_grad=True)
+    mod = NormAct(8, backend="triton").to(DEV)
+    mod(x).sum().backward()
+    misses = impl._geometry.cache_info().misses
+    assert misses == 1
+    mod(x).sum().backward()
+    assert impl._geometry.cache_info().misses == misses
+    assert impl.geometry(x) is impl.geometry(x.detach().clone())
+    cl = impl.geometry(x.detach().contiguous(memory_format=torch.channels_last))
+    assert cl.channels_last and not impl.geometry(x).channels_last
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4})
+    assert impl.geometry(x).block_m == 4
+
+
+def test_bookkeeping_over_several_blocks(monkeypatch):
+    """Several channel blocks and programs per block: num_batches_tracked still grows by one
+    per step (one program adds it), and momentum=None's cumulative average, which reads it,
+    matches nn.BatchNorm2d."""
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
+    torch.manual_seed(2)
+    ref = nn.BatchNorm2d(37, momentum=None).to(DEV)
+    mod = NormAct(37, relu=False, momentum=None, backend="triton").to(DEV)
+    geo = impl.geometry(torch.empty(2, 37, 5, 5, device=DEV))
+    assert geo.c_blocks > 1 and geo.P > 1
+    for step in range(3):
+        x = torch.randn(2, 37, 5, 5, device=DEV) * (step + 1) + step
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert mod.num_batches_tracked.item() == step + 1
+    torch.testing.assert_close(mod.running_mean, ref.running_mean)
+    torch.testing.assert_close(mod.running_var, ref.running_var)
+
+
+def test_cumulative_average_needs_the_batch_count():
+    x = torch.randn(2, 4, 3, 3, device=DEV)
+    w, b = torch.ones(4, device=DEV), torch.zeros(4, device=DEV)
+    rm, rv = torch.zeros(4, device=DEV), torch.ones(4, device=DEV)
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        bn_relu(x, w, b, rm, rv, True, momentum=None)
+
+
+def test_ops_are_opaque_under_the_interpreter():
+    """Interpreted kernels cannot be traced (they read tensor data), so on the CPU the ops
+    are opaque custom ops; with compiled kernels on torch >= 2.6 they are triton_ops
+    (tests/test_kernels_compile.py checks what the compiler sees there)."""
+    if impl.INTERPRET:
+        assert not impl.VISIBLE_TO_COMPILER
+    else:
+        assert impl.VISIBLE_TO_COMPILER == hasattr(torch.library, "triton_op")
