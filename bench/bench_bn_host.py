@@ -97,6 +97,7 @@ def load_before(path: Path):
     custom ops must not share names with the current ones)."""
     spec = importlib.util.spec_from_file_location("bn_before", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["bn_before"] = module       # torch.compile looks modules up by name
     spec.loader.exec_module(module)
     if not hasattr(module, "BatchNormReLU2d"):
         raise SystemExit(f"{path}: no BatchNormReLU2d in it; pass a kernels/batchnorm.py that has one")

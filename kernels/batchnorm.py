@@ -42,6 +42,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from kernels.bn_kernels import (MASK_FROM_X, MASK_FROM_Y, MASK_NONE, bwd_dx_kernel,
                                 bwd_finalize_kernel, bwd_reduce_kernel, fwd_apply_kernel,
@@ -164,8 +165,8 @@ def _geometry(N: int, C: int, H: int, W: int, channels_last: bool, device: torch
 def geometry(x: Tensor) -> Geometry:
     """The launch geometry of a dense NCHW or channels-last x (cached)."""
     N, C, H, W = x.shape
-    return _geometry(int(N), int(C), int(H), int(W), _is_channels_last(x), x.device,
-                     tuple(sorted(CONFIG_OVERRIDE.items())))
+    override = tuple(sorted(CONFIG_OVERRIDE.items())) if CONFIG_OVERRIDE else ()
+    return _geometry(int(N), int(C), int(H), int(W), _is_channels_last(x), x.device, override)
 
 
 def _is_channels_last(x: Tensor) -> bool:
@@ -316,12 +317,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, bias, mean, var, keep_y)
 
 
-def _apply_backward(ctx, dy):
+def _grads(ctx, dy, run_backward):
+    """The gradients of (x, weight, bias, mean, var, residual, training, eps, relu)."""
     x, weight, bias, mean, var, y = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     if not dy.is_contiguous(memory_format=fmt):     # e.g. the expanded grad of a .sum()
         dy = dy.contiguous(memory_format=fmt)
-    dx, dweight, dbias, dres = torch.ops.fastcifar.bn_relu_backward(
+    dx, dweight, dbias, dres = run_backward(
         dy, x, y, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu, ctx.has_residual)
     if ctx.has_residual and not ctx.relu:
         dres = dy           # no ReLU: the residual's gradient is dy itself, no copy
@@ -330,7 +332,27 @@ def _apply_backward(ctx, dy):
             None, None, None)
 
 
+def _apply_backward(ctx, dy):
+    return _grads(ctx, dy, torch.ops.fastcifar.bn_relu_backward)
+
+
 bn_relu_apply.register_autograd(_apply_backward, setup_context=_setup_context)
+
+
+class _EagerBNReLU(torch.autograd.Function):
+    """bn_relu_apply and its formula for calls outside torch.compile: the same launchers and
+    formula without the dispatcher, whose per-call Python for these ops (re-filling every
+    argument's default, bumping version counters) costs more than the launches themselves."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, residual, training, eps, relu):
+        y = apply(x, weight, bias, mean, var, residual, training, eps, relu)
+        _setup_context(ctx, (x, weight, bias, mean, var, residual, training, eps, relu), y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, backward)
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,11 +407,24 @@ def bn_relu(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tens
             raise ValueError(f"bn_relu: residual shape {tuple(residual.shape)} != input shape "
                              f"{tuple(x.shape)}")
         residual = _dense_like(residual.to(x.dtype), fmt)
+    factor = 0.0 if momentum is None else float(momentum)
+    if torch.compiler.is_compiling():   # the ops, which the compiler traces or keeps whole
+        if training:
+            mean, var = torch.ops.fastcifar.bn_stats_(
+                x.detach(), running_mean, running_var, num_batches_tracked, factor,
+                momentum is None)
+        else:
+            mean, var = running_mean, running_var
+        return torch.ops.fastcifar.bn_relu_apply(x, weight, bias, mean, var, residual,
+                                                 training, eps, relu)
     if training:
-        mean, var = torch.ops.fastcifar.bn_stats_(
-            x.detach(), running_mean, running_var, num_batches_tracked,
-            0.0 if momentum is None else float(momentum), momentum is None)
+        mean, var = stats_(x.detach(), running_mean, running_var, num_batches_tracked, factor,
+                           momentum is None)
+        # what the op's declared mutation would do: autograd then notices a graph that saved
+        # these buffers (an eval-mode forward) being run backward after they changed
+        for t in (running_mean, running_var, num_batches_tracked):
+            if t is not None:
+                increment_version(t)
     else:
         mean, var = running_mean, running_var
-    return torch.ops.fastcifar.bn_relu_apply(x, weight, bias, mean, var, residual, training,
-                                             eps, relu)
+    return _EagerBNReLU.apply(x, weight, bias, mean, var, residual, training, eps, relu)

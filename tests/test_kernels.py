@@ -23,7 +23,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import kernels.batchnorm as impl
 import kernels.bn_kernels as K
@@ -329,13 +329,14 @@ def _count_launches(monkeypatch) -> collections.Counter:
 
         def run(*args, _run=kernel.run, _name=name, **kwargs):
             counts[_name] += 1
-            return _run(*args, **kwargs)
+            with _disable_current_modes():      # the interpreter's own tensor traffic
+                return _run(*args, **kwargs)
         monkeypatch.setattr(kernel, "run", run)
     return counts
 
 
 class _OpLog(TorchDispatchMode):
-    """The ops a region dispatches (each op's own internals run below the mode, unseen)."""
+    """The ops a region dispatches (a custom op's internals run below the mode, unseen)."""
 
     def __init__(self):
         super().__init__()
@@ -357,9 +358,9 @@ def test_launches_per_step(monkeypatch):
     with _OpLog() as log:
         y = mod(x)
     assert dict(counts) == {"fwd_stats_kernel": 1, "fwd_finalize_kernel": 1, "fwd_apply_kernel": 1}
-    # the module adds no aten work of its own (no num_batches_tracked.add_, no running-stats op)
-    assert log.ops == ["aten.detach.default", "fastcifar.bn_stats_.default",
-                       "fastcifar.bn_relu_apply.default"]
+    # besides the kernels only allocations: no num_batches_tracked.add_, no running-stats op
+    assert set(log.ops) <= {"aten.detach.default", "aten.empty.memory_format",
+                            "aten.empty_like.default", "aten.fill_.Scalar"}, log.ops
     assert mod.num_batches_tracked.item() == 1
     y.backward(torch.randn_like(y))
     assert dict(counts) == {name: 1 for name in KERNELS}
@@ -423,3 +424,34 @@ def test_ops_are_opaque_under_the_interpreter():
         assert not impl.VISIBLE_TO_COMPILER
     else:
         assert impl.VISIBLE_TO_COMPILER == hasattr(torch.library, "triton_op")
+
+
+def test_eval_graph_notices_changed_running_statistics():
+    """An eval-mode forward saves the running statistics for its backward; a training step
+    in between changes them in place, and the kernels say so to autograd (as the ops'
+    declared mutations do under torch.compile), so that backward fails instead of silently
+    differentiating with the new values (which nn.BatchNorm2d does)."""
+    mod = NormAct(4, relu=False, backend="triton").to(DEV).eval()
+    x = torch.randn(2, 4, 3, 3, device=DEV, requires_grad=True)
+    y = mod(x)
+    mod.train()
+    mod(torch.randn(2, 4, 3, 3, device=DEV))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("training,residual", [(True, True), (False, False)])
+def test_opcheck(training, residual):
+    """The ops' registrations (schema and declared mutations, fake functions, autograd
+    formula) pass torch.library.opcheck: what torch.compile relies on."""
+    x, w, b, rm, rv, r, dy = make_inputs((2, 5, 3, 3), torch.float32, True, residual, seed=7)
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    if training:
+        torch.library.opcheck(torch.ops.fastcifar.bn_stats_.default,
+                              (x, rm, rv, nbt, 0.1, False))
+        mean, var = impl.stats_(x, None, None, None, 0.1, False)
+    else:
+        mean, var = rm, rv
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(torch.ops.fastcifar.bn_relu_apply.default,
+                          (x, w, b, mean, var, r, training, 1e-5, True))
