@@ -158,6 +158,34 @@ class Config:
         self.launches.append((n[hi] - n[lo]) / (hi - lo))
 
 
+def measure(args, lo: int, hi: int) -> list[Config]:
+    """Build, warm up and time every configuration (launches already stubbed)."""
+    before = load_before(args.before) if args.before else None
+
+    specs = [("triton/eager", "triton", False), ("eager/eager", "eager", False)]
+    if before:
+        specs.insert(1, ("triton@before/eager", "before", False))
+    if not args.no_compile:
+        specs += [("triton/compiled", "triton", True), ("inductor/compiled", "eager", True)]
+        if before:
+            specs.insert(-1, ("triton@before/compiled", "before", True))
+    configs = []
+    for name, kind, compiled in specs:
+        t0 = time.perf_counter()
+        config = Config(name, kind, compiled, args, before)
+        config.warm_up(3)
+        configs.append(config)
+        print(f"  {name}: built and warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    for r in range(args.rounds):
+        for config in configs:
+            config.measure(args.steps, (lo, hi))
+        if (r + 1) % 10 == 0 or r + 1 == args.rounds:
+            print(f"  round {r + 1}/{args.rounds}", file=sys.stderr)
+
+    return configs
+
+
 def quantiles(values: list[float]) -> dict:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "p25": q[0], "p75": q[2],
@@ -188,32 +216,16 @@ def main(argv=None) -> dict:
     lo, hi = args.depths
     if not 0 <= lo < hi:
         p.error("--depths L1 L2 needs 0 <= L1 < L2")
+    load_start = os.getloadavg()
 
+    threads, run = torch.get_num_threads(), InterpretedFunction.run
     torch.set_num_threads(1)
     InterpretedFunction.run = _stub_run
-    load_start = os.getloadavg()
-    before = load_before(args.before) if args.before else None
-
-    specs = [("triton/eager", "triton", False), ("eager/eager", "eager", False)]
-    if before:
-        specs.insert(1, ("triton@before/eager", "before", False))
-    if not args.no_compile:
-        specs += [("triton/compiled", "triton", True), ("inductor/compiled", "eager", True)]
-        if before:
-            specs.insert(-1, ("triton@before/compiled", "before", True))
-    configs = []
-    for name, kind, compiled in specs:
-        t0 = time.perf_counter()
-        config = Config(name, kind, compiled, args, before)
-        config.warm_up(3)
-        configs.append(config)
-        print(f"  {name}: built and warmed up in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    for r in range(args.rounds):
-        for config in configs:
-            config.measure(args.steps, (lo, hi))
-        if (r + 1) % 10 == 0 or r + 1 == args.rounds:
-            print(f"  round {r + 1}/{args.rounds}", file=sys.stderr)
+    try:
+        configs = measure(args, lo, hi)
+    finally:
+        torch.set_num_threads(threads)
+        InterpretedFunction.run = run
 
     rows = {}
     for c in configs:
@@ -243,7 +255,7 @@ def main(argv=None) -> dict:
                      "memory_format": "channels_last", "dtype": "float32",
                      "layer": "BN + add + ReLU" if args.residual else "BN + ReLU",
                      "depths": [lo, hi], "steps_per_block": args.steps, "rounds": args.rounds,
-                     "torch_threads": torch.get_num_threads(),
+                     "torch_threads": 1,
                      "before": str(args.before) if args.before else None},
         "configs": rows,
         "ratios": ratios,

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import collections
 import copy
+import importlib.util
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,3 +458,67 @@ def test_opcheck(training, residual):
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     torch.library.opcheck(torch.ops.fastcifar.bn_relu_apply.default,
                           (x, w, b, mean, var, r, training, 1e-5, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (bench/bench_bn_relu.py) on the CPU
+
+
+def _load_bench(name):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_bn_relu_keeps_going_and_writes_as_it_goes(monkeypatch, tmp_path):
+    """--dry-run: a shape where one implementation fails gets the error in its row and the
+    run goes on; the result file is rewritten after every shape (incomplete until the end)."""
+    bench = _load_bench("bench_bn_relu")
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **kw: fn)   # no inductor here
+    fused = bench.fused_bn_act
+
+    def failing_for_c128(x, *args):
+        if x.shape[1] == 128:
+            raise RuntimeError("out of resources")
+        return fused(x, *args)
+    monkeypatch.setattr(bench, "fused_bn_act", failing_for_c128)
+    written = []
+    write = bench.write_result
+
+    def record(path, result):
+        written.append((len(result["shapes"]), result["complete"]))
+        return write(path, result)
+    monkeypatch.setattr(bench, "write_result", record)
+    out = tmp_path / "bn.json"
+    bench.main(["--dry-run", "--skip-train-step", "--models", "resnet_2111", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["complete"] and stored["device"].startswith("CPU")
+    rows = stored["shapes"]
+    failed = [r for r in rows if r["C"] == 128]
+    assert failed and all(r["fused_error"] == "RuntimeError: out of resources" and "fused_ms" not in r
+                          and "eager_ms" in r for r in failed)
+    assert all("fused_ms" in r for r in rows if r["C"] != 128)
+    # one write before the first shape, one after each, one at the end
+    assert written == [(0, False)] + [(i + 1, False) for i in range(len(rows))] + [(len(rows), True)]
+    assert str(len(rows) - len(failed)) in stored["summary"]["covers"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host-time benchmark stubs interpreted launches")
+def test_bench_bn_host_quick(tmp_path):
+    """bench_bn_host.py --quick runs, counts the launches the test above counts, and leaves
+    the interpreter's launcher and torch's thread count as it found them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    bench = _load_bench("bench_bn_host")
+    run, threads = InterpretedFunction.run, torch.get_num_threads()
+    out = tmp_path / "host.json"
+    bench.main(["--quick", "--no-compile", "--out", str(out)])
+    assert InterpretedFunction.run is run and torch.get_num_threads() == threads
+    stored = json.loads(out.read_text())
+    configs = stored["configs"]
+    assert configs["triton/eager"]["launches_per_layer_step"] == 6
+    assert configs["eager/eager"]["launches_per_layer_step"] == 0
+    assert configs["triton/eager"]["host_us_per_layer_step"]["n"] == 3
+    assert stored["machine"]["versions"]["torch"] and "load_average_at_start" in stored
