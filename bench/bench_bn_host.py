@@ -38,7 +38,9 @@ How it is measured, without a GPU:
   With --before FILE (a copy of an older kernels/batchnorm.py, e.g.
   `git show COMMIT:kernels/batchnorm.py > /tmp/batchnorm_before.py`), the same two triton
   configurations run again on that file's module (its BatchNormReLU2d), tagged "@before", and
-  every round gives a before/after ratio.
+  every round gives a before/after ratio. The file must be self-contained (kernels and module
+  in one file, as before kernels/bn_kernels.py existed) and register its ops under other names
+  than the current ones, since both live in one process.
 
 torch runs on one thread (the host side of a GPU step is one Python thread). The result names
 the machine, the versions, the command line and the load average before and after the run.

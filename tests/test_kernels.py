@@ -1,4 +1,5 @@
-"""Correctness of the fused BatchNorm(+add)+ReLU kernels (kernels/batchnorm.py) on CPU.
+"""Correctness of the fused BatchNorm(+add)+ReLU kernels (kernels/bn_kernels.py, launched by
+kernels/batchnorm.py) on CPU, and what they cost the host: launches, dispatch, geometry.
 
 The kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no
 GPU is present). Every case is compared with a float64 reference (kernels/reference.py) fed
@@ -494,7 +495,7 @@ def test_bench_bn_relu_keeps_going_and_writes_as_it_goes(monkeypatch, tmp_path):
     out = tmp_path / "bn.json"
     bench.main(["--dry-run", "--skip-train-step", "--models", "resnet_2111", "--out", str(out)])
     stored = json.loads(out.read_text())
-    assert stored["complete"] and stored["device"].startswith("CPU")
+    assert stored["complete"] and stored["dry_run"]
     rows = stored["shapes"]
     failed = [r for r in rows if r["C"] == 128]
     assert failed and all(r["fused_error"] == "RuntimeError: out of resources" and "fused_ms" not in r
