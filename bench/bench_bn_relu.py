@@ -29,13 +29,15 @@ What it measures (training mode, fp16, channels-last, batch 512 unless told othe
    channels-last, torch.compile of the model) with the BN backend `triton` vs `compiled`.
 
 Output: JSON (device, versions, copy bandwidth, per-shape table, summary ratios, train step),
-then a short table on stdout.
+rewritten atomically after every shape and every train step, so a run cut short keeps what it
+measured ("complete" turns true at the end); then a short table on stdout. An implementation
+that fails on a shape (or a backend's train step) gets its error in that row, and the run goes
+on.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -58,6 +60,7 @@ import triton.testing  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from fastcifar.machine import command_line, device_name, versions  # noqa: E402
+from fastcifar.results import device_slug, now_iso, write_result  # noqa: E402
 from kernels import bn_relu  # noqa: E402
 
 # Used only when the model zoo cannot be imported: (C, H, W, residual, relu) -> number of
@@ -168,7 +171,8 @@ def fused_bn_act(x, w, b, rm, rv, residual, relu):
 
 
 def time_shape(impls: dict, N, C, H, W, residual, relu, device, dtype, quick) -> dict:
-    """Forward+backward milliseconds of each implementation on one shape."""
+    """Forward+backward milliseconds of each implementation on one shape, or the error it
+    raised (as "ExceptionType: message")."""
     numel = N * C * H * W
     per_set = numel * dtype.itemsize * (3 + (2 if residual else 0))   # x, dy, y (+ r, dr)
     n_sets = max(2, min(16, triton.cdiv(2 * l2_bytes(device), per_set)))
@@ -195,7 +199,11 @@ def time_shape(impls: dict, N, C, H, W, residual, relu, device, dtype, quick) ->
             inputs = [x, w, b] + ([r] if residual else [])
             torch.autograd.grad(y, inputs, dy)
 
-        out[name] = bench_ms(step, quick)
+        try:
+            out[name] = bench_ms(step, quick)
+        except Exception as e:  # one implementation failing must not cost the others
+            out[name] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
     return out
 
 
@@ -231,16 +239,26 @@ def train_step_ms(backend: str, batch: int, device, quick: bool) -> dict:
 # Main
 # ------------------------------------------------------------------------------------------
 
-def gpu_slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+def summarize(rows: list, impls, copy_gbps: float, n_shapes: int, n_layers: int) -> dict:
+    """Zoo-weighted totals over the shapes every implementation timed."""
+    ok = [r for r in rows if all(f"{k}_ms" in r for k in impls)]
+    if not ok:
+        return {"covers": f"0 of {n_shapes} shapes"}
 
+    def weighted(key):
+        return sum(r["count"] * r[key] for r in ok)
 
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    fused_gbps = weighted("min_bytes") / (weighted("fused_ms") * 1e-3) / 1e9
+    return {
+        "covers": f"{len(ok)} of {n_shapes} shapes, {sum(r['count'] for r in ok)} of "
+                  f"{n_layers} layers",
+        "zoo_weighted_ms": {k: weighted(f"{k}_ms") for k in impls},
+        "speedup_vs_eager": weighted("eager_ms") / weighted("fused_ms"),
+        "speedup_vs_compiled": weighted("compiled_ms") / weighted("fused_ms"),
+        "fused_GBps_weighted": fused_gbps,
+        "fused_frac_of_copy_bw": fused_gbps / copy_gbps,
+        "floor_ms_at_copy_bw": weighted("min_bytes") / (copy_gbps * 1e9) * 1e3,
+    }
 
 
 def main(argv=None) -> dict:
@@ -279,12 +297,25 @@ def main(argv=None) -> dict:
                   for C, H, W, r, a in dict.fromkeys(picked)}
     name = device_name(device)
     out_path = args.out or (Path(tempfile.gettempdir()) / "bn_relu_dry-run.json" if args.dry_run
-                            else ROOT / "bench" / "results" / f"bn_relu_{gpu_slug(name)}.json")
+                            else ROOT / "bench" / "results" / f"bn_relu_{device_slug(name)}.json")
 
     copy_gbps = copy_bandwidth_gbps(device, quick)
     impls = {"fused": fused_bn_act, "eager": eager_bn_act,
              "compiled": torch.compile(eager_bn_act, dynamic=False)}
-    rows, skipped = [], []
+    rows, skipped, train = [], [], {}
+    n_layers = sum(shapes.values())
+    result = {
+        "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
+        "memory_format": "channels_last", "batch": batch,
+        "versions": versions(), "command": command_line(), "started": now_iso(),
+        "complete": False, "shape_source": source, "copy_GBps": copy_gbps,
+        "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
+                       "E = N*C*H*W*itemsize",
+        "shapes": rows, "shapes_skipped_for_time": skipped,
+        "summary": summarize(rows, impls, copy_gbps, len(shapes), n_layers),
+        "train_step_resnet_2111": train,
+    }
+    write_result(out_path, result)
     t0 = time.perf_counter()
     # biggest share of the zoo's traffic first: layer count x activation size
     order = sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
@@ -295,72 +326,69 @@ def main(argv=None) -> dict:
             continue
         numel = batch * C * H * W
         nbytes = min_bytes(numel, dtype.itemsize, residual, relu)
-        ms = time_shape(impls, batch, C, H, W, residual, relu, device, dtype, quick)
         row = {"N": batch, "C": C, "H": H, "W": W, "residual": residual, "relu": relu,
                "count": count, "min_bytes": nbytes["total"],
                "min_bytes_fwd": nbytes["fwd"], "min_bytes_bwd": nbytes["bwd"]}
+        try:
+            ms = time_shape(impls, batch, C, H, W, residual, relu, device, dtype, quick)
+        except Exception as e:   # e.g. out of memory making the inputs
+            ms = {k: f"{type(e).__name__}: {e}" for k in impls}
+            traceback.print_exc()
         for k, v in ms.items():
-            row[f"{k}_ms"] = v
-            row[f"{k}_GBps"] = nbytes["total"] / (v * 1e-3) / 1e9
-        row["fused_frac_of_copy_bw"] = row["fused_GBps"] / copy_gbps
+            if isinstance(v, str):
+                row[f"{k}_error"] = v
+            else:
+                row[f"{k}_ms"] = v
+                row[f"{k}_GBps"] = nbytes["total"] / (v * 1e-3) / 1e9
+        if "fused_ms" in row:
+            row["fused_frac_of_copy_bw"] = row["fused_GBps"] / copy_gbps
         rows.append(row)
+        result["summary"] = summarize(rows, impls, copy_gbps, len(shapes), n_layers)
+        write_result(out_path, result)
         print(f"  C={C:4d} {H:2d}x{W:<2d} res={int(residual)} relu={int(relu)} x{count:<3d} "
-              + "  ".join(f"{k} {v:8.3f} ms" for k, v in ms.items()), file=sys.stderr)
+              + "  ".join(f"{k} {v:8.3f} ms" if not isinstance(v, str) else f"{k} FAILED"
+                          for k, v in ms.items()), file=sys.stderr)
 
-    def weighted(key):
-        return sum(r["count"] * r[key] for r in rows)
-
-    fused_gbps = weighted("min_bytes") / (weighted("fused_ms") * 1e-3) / 1e9
-    summary = {
-        "covers": f"{len(rows)} of {len(shapes)} shapes, {sum(r['count'] for r in rows)} of "
-                  f"{sum(shapes.values())} layers",
-        "zoo_weighted_ms": {k: weighted(f"{k}_ms") for k in impls},
-        "speedup_vs_eager": weighted("eager_ms") / weighted("fused_ms"),
-        "speedup_vs_compiled": weighted("compiled_ms") / weighted("fused_ms"),
-        "fused_GBps_weighted": fused_gbps,
-        "fused_frac_of_copy_bw": fused_gbps / copy_gbps,
-        "floor_ms_at_copy_bw": weighted("min_bytes") / (copy_gbps * 1e9) * 1e3,
-    }
-    train = {}
     if not args.skip_train_step:
         step_batch = 2 if args.dry_run else batch
+        train["batch"] = step_batch
         for backend in ("triton", "compiled"):
-            try:    # a failure here must not cost the per-shape table measured above
+            try:    # a failure here must not cost what was measured before
                 train[backend] = train_step_ms(backend, step_batch, device, quick)
             except Exception as e:
                 train[backend] = {"error": f"{type(e).__name__}: {e}"}
                 traceback.print_exc()
-        train["batch"] = step_batch
+            write_result(out_path, result)
         if all("ms_per_step" in train[k] for k in ("triton", "compiled")):
             train["speedup_triton_vs_compiled"] = (train["compiled"]["ms_per_step"]
                                                    / train["triton"]["ms_per_step"])
-    result = {
-        "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
-        "memory_format": "channels_last", "batch": batch,
-        "versions": versions(), "command": command_line(),
-        "shape_source": source, "copy_GBps": copy_gbps,
-        "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
-                       "E = N*C*H*W*itemsize",
-        "shapes": rows, "shapes_skipped_for_time": skipped, "summary": summary, "train_step_resnet_2111": train,
-    }
-    write_json(out_path, result)
+    result["complete"] = True
+    result["finished"] = now_iso()
+    write_result(out_path, result)
+    summary = result["summary"]
 
     print(f"\n{name}  ({'DRY RUN: interpreter timings, meaningless' if args.dry_run else dtype})"
           f"  copy bandwidth {copy_gbps:.0f} GB/s  -> {out_path}")
     print(f"{'C':>5} {'HxW':>5} {'res':>3} {'relu':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
           f"{'compiled':>8} {'fused GB/s':>10} {'%copy':>6}")
+    def cell(r, key, width, fmt):
+        return format(r[key], fmt).rjust(width) if key in r else "failed".rjust(width)
+
     for r in rows:
         print(f"{r['C']:5d} {r['H']:>2}x{r['W']:<2} {int(r['residual']):3d} {int(r['relu']):4d} "
-              f"{r['count']:3d} {r['fused_ms']:9.3f} {r['eager_ms']:8.3f} {r['compiled_ms']:8.3f} "
-              f"{r['fused_GBps']:10.0f} {100 * r['fused_frac_of_copy_bw']:5.0f}%")
+              f"{r['count']:3d} {cell(r, 'fused_ms', 9, '.3f')} {cell(r, 'eager_ms', 8, '.3f')} "
+              f"{cell(r, 'compiled_ms', 8, '.3f')} {cell(r, 'fused_GBps', 10, '.0f')} "
+              f"{cell(r, 'fused_frac_of_copy_bw', 5, '.0%')}")
     if skipped:
         print(f"({len(skipped)} shapes not timed: --shape-time-limit reached)")
-    print(f"zoo-weighted fwd+bwd: fused {summary['zoo_weighted_ms']['fused']:.2f} ms, "
-          f"eager {summary['zoo_weighted_ms']['eager']:.2f} ms "
-          f"(x{summary['speedup_vs_eager']:.2f}), compiled "
-          f"{summary['zoo_weighted_ms']['compiled']:.2f} ms "
-          f"(x{summary['speedup_vs_compiled']:.2f}); "
-          f"floor at copy bandwidth {summary['floor_ms_at_copy_bw']:.2f} ms")
+    if "zoo_weighted_ms" in summary:
+        print(f"zoo-weighted fwd+bwd: fused {summary['zoo_weighted_ms']['fused']:.2f} ms, "
+              f"eager {summary['zoo_weighted_ms']['eager']:.2f} ms "
+              f"(x{summary['speedup_vs_eager']:.2f}), compiled "
+              f"{summary['zoo_weighted_ms']['compiled']:.2f} ms "
+              f"(x{summary['speedup_vs_compiled']:.2f}); "
+              f"floor at copy bandwidth {summary['floor_ms_at_copy_bw']:.2f} ms "
+              f"({summary['covers']})")
     if "speedup_triton_vs_compiled" in train:
         print(f"resnet_2111 train step (batch {train['batch']}): triton "
               f"{train['triton']['ms_per_step']:.2f} ms, compiled "

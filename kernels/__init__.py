@@ -1,4 +1,10 @@
-"""Triton kernels of fastcifar. See kernels/README.md for what each moves and why."""
-from kernels.batchnorm import BatchNormReLU2d, bn_relu
+"""Triton kernels of fastcifar. See kernels/README.md for what each moves and why.
 
-__all__ = ["bn_relu", "BatchNormReLU2d"]
+    from kernels import bn_relu      # relu(batch_norm(x) + residual), fused, with autograd
+
+The module the models use, with running statistics and a backend switch, is
+fastcifar.models.NormAct (its `triton` backend calls bn_relu).
+"""
+from kernels.batchnorm import bn_relu
+
+__all__ = ["bn_relu"]

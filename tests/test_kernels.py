@@ -1,4 +1,5 @@
-"""Correctness of the fused BatchNorm(+add)+ReLU kernels (kernels/batchnorm.py) on CPU.
+"""Correctness of the fused BatchNorm(+add)+ReLU kernels (kernels/bn_kernels.py, launched by
+kernels/batchnorm.py) on CPU, and what they cost the host: launches, dispatch, geometry.
 
 The kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no
 GPU is present). Every case is compared with a float64 reference (kernels/reference.py) fed
@@ -16,15 +17,22 @@ Outputs are filled with NaN before each launch (POISON), so an element no kernel
 """
 from __future__ import annotations
 
+import collections
 import copy
+import importlib.util
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import kernels.batchnorm as impl
-from kernels import BatchNormReLU2d, bn_relu
+import kernels.bn_kernels as K
+from fastcifar.models.norm import NormAct
+from kernels import bn_relu
 from kernels.reference import bn_relu_reference
 
 # CPU (interpreter) here; on a GPU machine the same tests run the compiled kernels.
@@ -135,7 +143,8 @@ def test_small_blocks(monkeypatch, shape, cl, dtype, training, residual):
     """Tiny blocks force what real sizes do on a GPU: several channel blocks per row (also
     channels-last), several programs each merging several row blocks, ragged last blocks."""
     monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
-    geo = impl._Geometry(torch.empty(shape), cl)
+    x = torch.empty(shape)
+    geo = impl.geometry(x.contiguous(memory_format=torch.channels_last) if cl else x)
     assert geo.c_blocks > 1 and geo.P > 1 and geo.blocks_per_prog > 1
     check_case(shape, dtype, cl, training, True, residual, seed=100)
 
@@ -157,7 +166,7 @@ def test_statistics_survive_cancellation():
 
 
 def test_module_matches_batchnorm2d_relu():
-    """BatchNormReLU2d against nn.Sequential(nn.BatchNorm2d, nn.ReLU): outputs, gradients,
+    """NormAct on the triton backend against nn.Sequential(nn.BatchNorm2d, nn.ReLU): outputs, gradients,
     running stats and num_batches_tracked over training steps, then eval. Also a loss
     whose gradient is not dense (sum over all elements gives an expanded dy)."""
     torch.manual_seed(0)
@@ -165,7 +174,7 @@ def test_module_matches_batchnorm2d_relu():
     with torch.no_grad():
         ref[0].weight.uniform_(0.5, 1.5)
         ref[0].bias.uniform_(-0.5, 0.5)
-    mod = BatchNormReLU2d(6)
+    mod = NormAct(6, backend="triton")
     ref.to(DEV), mod.to(DEV)
     mod.load_state_dict({k.removeprefix("0."): v for k, v in ref.state_dict().items()})
     for step in range(2):
@@ -195,19 +204,20 @@ def test_module_cumulative_momentum():
     """momentum=None: cumulative average of the batch statistics, as nn.BatchNorm2d."""
     torch.manual_seed(1)
     ref = nn.BatchNorm2d(4, momentum=None).to(DEV)
-    mod = BatchNormReLU2d(4, momentum=None, relu=False).to(DEV)
+    mod = NormAct(4, relu=False, momentum=None, backend="triton").to(DEV)
     for _ in range(3):
         x = torch.randn(2, 4, 3, 3, device=DEV) * 3 + 2
         torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mod.running_var, ref.running_var)
     torch.testing.assert_close(mod.running_mean, ref.running_mean)
+    assert mod.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
 
 
 def test_state_dict_interop():
     """Keys and shapes equal nn.BatchNorm2d's; nn.Sequential(BatchNorm2d, ReLU) keys are the
     same with a "0." prefix, and strict loading works both ways."""
     seq = nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
-    mod = BatchNormReLU2d(5)
+    mod = NormAct(5, backend="triton")
     with torch.no_grad():
         for t in (seq[0].weight, seq[0].bias, seq[0].running_mean):
             t.normal_()
@@ -273,7 +283,7 @@ def test_bad_inputs():
 
 
 def test_torch_compile_fullgraph():
-    """A small residual network built on BatchNormReLU2d compiles with fullgraph=True (no
+    """A small residual network built on NormAct (triton backend) compiles with fullgraph=True (no
     graph breaks: the custom ops have fake impls, the running-stats mutation is declared) and
     matches eager in outputs, gradients and running statistics."""
 
@@ -281,9 +291,9 @@ def test_torch_compile_fullgraph():
         def __init__(self):
             super().__init__()
             self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-            self.bn1 = BatchNormReLU2d(6)
+            self.bn1 = NormAct(6, backend="triton")
             self.conv2 = nn.Conv2d(6, 6, 3, padding=1, bias=False)
-            self.bn2 = BatchNormReLU2d(6)
+            self.bn2 = NormAct(6, backend="triton")
 
         def forward(self, x):
             h = self.bn1(self.conv1(x))
@@ -306,3 +316,212 @@ def test_torch_compile_fullgraph():
     assert compiled_net.bn1.num_batches_tracked.item() == 2
     eager.eval(), compiled.eval()
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side cost: launches, dispatch, cached geometry
+
+KERNELS = ("fwd_stats_kernel", "fwd_finalize_kernel", "fwd_apply_kernel", "bwd_reduce_kernel",
+           "bwd_finalize_kernel", "bwd_dx_kernel")
+
+
+def _count_launches(monkeypatch) -> collections.Counter:
+    """Counts each kernel's launches (`kernel[grid](...)` calls `kernel.run`) and still runs
+    them. Patched on the class: an instance attribute, once "restored", would shadow later
+    patches of the class."""
+    counts = collections.Counter()
+    cls = type(K.fwd_stats_kernel)      # InterpretedFunction, or JITFunction on a GPU
+    original = cls.run
+
+    def run(self, *args, **kwargs):
+        counts[self.fn.__name__] += 1
+        with _disable_current_modes():      # the interpreter's own tensor traffic
+            return original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "run", run)
+    return counts
+
+
+class _OpLog(TorchDispatchMode):
+    """The ops a region dispatches (a custom op's internals run below the mode, unseen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_launches_per_step(monkeypatch):
+    """One training step of a layer launches three kernels forward (statistics; finalize,
+    which also moves the running statistics; apply) and three backward (reduce, finalize, dx);
+    the batch count and the running statistics cost no launch of their own. Eval's forward is
+    the apply kernel alone."""
+    counts = _count_launches(monkeypatch)
+    mod = NormAct(8, backend="triton").to(DEV)
+    x = torch.randn(2, 8, 4, 4, device=DEV, requires_grad=True)
+    with _OpLog() as log:
+        y = mod(x)
+    assert dict(counts) == {"fwd_stats_kernel": 1, "fwd_finalize_kernel": 1, "fwd_apply_kernel": 1}
+    # besides the kernels only allocations: no num_batches_tracked.add_, no running-stats op
+    assert set(log.ops) <= {"aten.detach.default", "aten.empty.memory_format",
+                            "aten.empty_like.default", "aten.fill_.Scalar"}, log.ops
+    assert mod.num_batches_tracked.item() == 1
+    y.backward(torch.randn_like(y))
+    assert dict(counts) == {name: 1 for name in KERNELS}
+    counts.clear()
+    mod.eval()
+    with torch.no_grad():
+        mod(x)
+    assert dict(counts) == {"fwd_apply_kernel": 1}
+    assert mod.num_batches_tracked.item() == 1
+
+
+def test_geometry_is_cached(monkeypatch):
+    """Launch geometry is computed once per (shape, layout, device, overrides): a second
+    training step derives nothing."""
+    impl._geometry.cache_clear()
+    x = torch.randn(2, 8, 4, 4, device=DEV, requires_grad=True)
+    mod = NormAct(8, backend="triton").to(DEV)
+    mod(x).sum().backward()
+    misses = impl._geometry.cache_info().misses
+    assert misses == 1
+    mod(x).sum().backward()
+    assert impl._geometry.cache_info().misses == misses
+    assert impl.geometry(x) is impl.geometry(x.detach().clone())
+    cl = impl.geometry(x.detach().contiguous(memory_format=torch.channels_last))
+    assert cl.channels_last and not impl.geometry(x).channels_last
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4})
+    assert impl.geometry(x).block_m == 4
+
+
+def test_bookkeeping_over_several_blocks(monkeypatch):
+    """Several channel blocks and programs per block: num_batches_tracked still grows by one
+    per step (one program adds it), and momentum=None's cumulative average, which reads it,
+    matches nn.BatchNorm2d."""
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
+    torch.manual_seed(2)
+    ref = nn.BatchNorm2d(37, momentum=None).to(DEV)
+    mod = NormAct(37, relu=False, momentum=None, backend="triton").to(DEV)
+    geo = impl.geometry(torch.empty(2, 37, 5, 5, device=DEV))
+    assert geo.c_blocks > 1 and geo.P > 1
+    for step in range(3):
+        x = torch.randn(2, 37, 5, 5, device=DEV) * (step + 1) + step
+        torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert mod.num_batches_tracked.item() == step + 1
+    torch.testing.assert_close(mod.running_mean, ref.running_mean)
+    torch.testing.assert_close(mod.running_var, ref.running_var)
+
+
+def test_cumulative_average_needs_the_batch_count():
+    x = torch.randn(2, 4, 3, 3, device=DEV)
+    w, b = torch.ones(4, device=DEV), torch.zeros(4, device=DEV)
+    rm, rv = torch.zeros(4, device=DEV), torch.ones(4, device=DEV)
+    with pytest.raises(ValueError, match="needs num_batches_tracked"):
+        bn_relu(x, w, b, rm, rv, True, momentum=None)
+
+
+def test_ops_are_opaque_under_the_interpreter():
+    """Interpreted kernels cannot be traced (they read tensor data), so on the CPU the ops
+    are opaque custom ops; with compiled kernels on torch >= 2.6 they are triton_ops
+    (tests/test_kernels_compile.py checks what the compiler sees there)."""
+    if impl.INTERPRET:
+        assert not impl.VISIBLE_TO_COMPILER
+    else:
+        assert impl.VISIBLE_TO_COMPILER == hasattr(torch.library, "triton_op")
+
+
+def test_eval_graph_notices_changed_running_statistics():
+    """An eval-mode forward saves the running statistics for its backward; a training step
+    in between changes them in place, and the kernels say so to autograd (as the ops'
+    declared mutations do under torch.compile), so that backward fails instead of silently
+    differentiating with the new values (which nn.BatchNorm2d does)."""
+    mod = NormAct(4, relu=False, backend="triton").to(DEV).eval()
+    x = torch.randn(2, 4, 3, 3, device=DEV, requires_grad=True)
+    y = mod(x)
+    mod.train()
+    mod(torch.randn(2, 4, 3, 3, device=DEV))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("training,residual", [(True, True), (False, False)])
+def test_opcheck(training, residual):
+    """The ops' registrations (schema and declared mutations, fake functions, autograd
+    formula) pass torch.library.opcheck: what torch.compile relies on."""
+    x, w, b, rm, rv, r, dy = make_inputs((2, 5, 3, 3), torch.float32, True, residual, seed=7)
+    nbt = torch.zeros((), dtype=torch.long, device=DEV)
+    if training:
+        torch.library.opcheck(torch.ops.fastcifar.bn_stats_.default,
+                              (x, rm, rv, nbt, 0.1, False))
+        mean, var = impl.stats_(x, None, None, None, 0.1, False)
+    else:
+        mean, var = rm, rv
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(torch.ops.fastcifar.bn_relu_apply.default,
+                          (x, w, b, mean, var, r, training, 1e-5, True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark (bench/bench_bn_relu.py) on the CPU
+
+
+def _load_bench(name):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_bn_relu_keeps_going_and_writes_as_it_goes(monkeypatch, tmp_path):
+    """--dry-run: a shape where one implementation fails gets the error in its row and the
+    run goes on; the result file is rewritten after every shape (incomplete until the end)."""
+    bench = _load_bench("bench_bn_relu")
+    monkeypatch.setattr(bench.torch, "compile", lambda fn, **kw: fn)   # no inductor here
+    fused = bench.fused_bn_act
+
+    def failing_for_c128(x, *args):
+        if x.shape[1] == 128:
+            raise RuntimeError("out of resources")
+        return fused(x, *args)
+    monkeypatch.setattr(bench, "fused_bn_act", failing_for_c128)
+    written = []
+    write = bench.write_result
+
+    def record(path, result):
+        written.append((len(result["shapes"]), result["complete"]))
+        return write(path, result)
+    monkeypatch.setattr(bench, "write_result", record)
+    out = tmp_path / "bn.json"
+    bench.main(["--dry-run", "--skip-train-step", "--models", "resnet_2111", "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["complete"] and stored["dry_run"]
+    rows = stored["shapes"]
+    failed = [r for r in rows if r["C"] == 128]
+    assert failed and all(r["fused_error"] == "RuntimeError: out of resources" and "fused_ms" not in r
+                          and "eager_ms" in r for r in failed)
+    assert all("fused_ms" in r for r in rows if r["C"] != 128)
+    # one write before the first shape, one after each, one at the end
+    assert written == [(0, False)] + [(i + 1, False) for i in range(len(rows))] + [(len(rows), True)]
+    assert str(len(rows) - len(failed)) in stored["summary"]["covers"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the host-time benchmark stubs interpreted launches")
+def test_bench_bn_host_quick(tmp_path):
+    """bench_bn_host.py --quick runs, counts the launches the test above counts, and leaves
+    the interpreter's launcher and torch's thread count as it found them."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    bench = _load_bench("bench_bn_host")
+    run, threads = InterpretedFunction.run, torch.get_num_threads()
+    out = tmp_path / "host.json"
+    bench.main(["--quick", "--no-compile", "--out", str(out)])
+    assert InterpretedFunction.run is run and torch.get_num_threads() == threads
+    stored = json.loads(out.read_text())
+    configs = stored["configs"]
+    assert configs["triton/eager"]["launches_per_layer_step"] == 6
+    assert configs["eager/eager"]["launches_per_layer_step"] == 0
+    assert configs["triton/eager"]["host_us_per_layer_step"]["n"] == 3
+    assert stored["machine"]["versions"]["torch"] and "load_average_at_start" in stored

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from typer.testing import CliRunner
 
 from fastcifar.cli import app
 from fastcifar.errors import UserError
-from fastcifar.models import (NormAct, PlainNormAct, count_params, create_model, get_model_info, get_recipe,
-                              list_models, model_names, set_bn_backend)
+from fastcifar.models import (NormAct, count_params, create_model, get_model_info, get_recipe, list_models,
+                              model_names, set_bn_backend)
 from fastcifar.models.resnet import ResNet
 from fastcifar.recipe import Recipe
 
@@ -268,9 +269,36 @@ def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
     assert mod.num_batches_tracked.item() == 3  # eval does not count
 
 
+class TorchBNAct(nn.BatchNorm2d):
+    """The reference build's layer: torch's own BatchNorm2d.forward, then ``+ residual``, then
+    nn.ReLU; same call signature as NormAct."""
+
+    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5, momentum=0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.act = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, x, residual=None):
+        y = nn.BatchNorm2d.forward(self, x)
+        return self.act(y if residual is None else y + residual)
+
+
+def torch_bn_build(model):
+    """``model`` with every NormAct replaced by a TorchBNAct holding the same state."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, NormAct):
+            ref = TorchBNAct(child.num_features, relu=child.relu, eps=child.eps, momentum=child.momentum)
+            ref.load_state_dict(child.state_dict())
+            ref.train(child.training)
+            setattr(model, name, ref)
+        else:
+            torch_bn_build(child)
+    return model
+
+
 def test_normact_state_dict_keys_are_batchnorm_keys():
     assert NormAct(8).state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
-    assert PlainNormAct(8, relu=True).state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
+    assert NormAct(8, backend="compiled").state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
+    assert TorchBNAct(8, relu=True).state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +342,39 @@ def test_torch_compile_agrees_with_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_once(backend):
+    """A compiled zoo model compiles on its first training step and its first eval pass and
+    never again, whatever the BN backend (the compiled backend's inner functions exist before
+    the outer model is traced, so its graph's guards on them hold from the second step on)."""
+    dev = _device_for(backend)
+    torch.manual_seed(0)
+    model = create_model("speedrun_net", widths=[8, 16, 16, 16], logit_scale=1.0, bn_backend=backend).to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    x, y = torch.randn(2, 3, 16, 16, device=dev), torch.tensor([1, 7], device=dev)
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(compiled(x), y).backward()
+        opt.step()
+
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            compiled(x)
+
+    train()
+    evaluate()
+    frames = counter.frame_count
+    assert frames > 0
+    for step in (train, train, evaluate, train):
+        step()
+        assert counter.frame_count == frames, f"recompiled in {step.__name__}"
+
+
 @pytest.mark.parametrize("src,dst", [("eager", "compiled"), ("compiled", "eager"),
                                      pytest.param("eager", "triton", marks=needs_triton),
                                      pytest.param("triton", "eager", marks=needs_triton)])
@@ -352,9 +413,9 @@ def _vanilla(model):
 def test_state_dict_loads_into_plain_batchnorm_build(name):
     torch.manual_seed(0)
     fused = create_model(name)
-    plain = create_model(name, plain_bn=True)
+    plain = torch_bn_build(create_model(name))
     assert not any(isinstance(m, NormAct) for m in plain.modules())
-    assert any(isinstance(m, PlainNormAct) for m in plain.modules())
+    assert any(isinstance(m, TorchBNAct) for m in plain.modules())
 
     vanilla = _vanilla(create_model(name))
     assert all(type(m) is not NormAct for m in vanilla.modules())
@@ -392,9 +453,12 @@ def test_unknown_backend():
     model = _tiny()
     with pytest.raises(UserError, match="unknown BN backend"):
         set_bn_backend(model, "fused")
-    model.bn1.backend = "fused"
+    with pytest.raises(UserError, match="unknown BN backend"):   # at once, not at the next forward
+        model.bn1.backend = "fused"
     with pytest.raises(UserError, match="unknown BN backend"):
-        model(torch.randn(2, 3, 8, 8))
+        NormAct(8, backend="fused")
+    assert model.bn1.backend == "eager"
+    model(torch.randn(2, 3, 8, 8))
 
 
 def test_triton_backend_without_kernel(monkeypatch):
@@ -404,9 +468,9 @@ def test_triton_backend_without_kernel(monkeypatch):
     with pytest.raises(UserError, match="kernels.bn_relu"):
         create_model("resnet_2111", bn_backend="triton")
     model = _tiny()
-    model.bn1.backend = "triton"
     with pytest.raises(UserError, match="kernels.bn_relu"):
-        model(torch.randn(2, 3, 8, 8))
+        model.bn1.backend = "triton"
+    assert model.bn1.backend == "eager"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,12 +7,15 @@ implementation without touching model code:
     eager     F.batch_norm, then add, then relu (what nn.BatchNorm2d + nn.ReLU would do)
     compiled  the same function through torch.compile (compiled once per process, shared by
               every module; works on CPU too)
-    triton    kernels.bn_relu, the fused Triton kernel
+    triton    kernels.bn_relu, the fused Triton kernels
 
 ``NormAct`` subclasses nn.BatchNorm2d, so its parameters and buffers (weight, bias,
 running_mean, running_var, num_batches_tracked) carry the same state_dict keys as a plain
-BatchNorm2d: a checkpoint saved under one backend loads under any other, and into the same
-model built with ``plain_bn=True`` (torch's own BatchNorm2d.forward and nn.ReLU).
+BatchNorm2d: a checkpoint saved under one backend loads under any other, and into a model
+whose NormActs are replaced by nn.BatchNorm2d (or nn.BatchNorm2d + nn.ReLU, keys prefixed).
+Every backend keeps nn.BatchNorm2d's bookkeeping: in training the batch is counted in
+num_batches_tracked and the running statistics move by ``momentum`` (or, with
+``momentum=None``, by the cumulative average 1 / num_batches_tracked); eval uses them.
 """
 from __future__ import annotations
 
@@ -57,15 +60,16 @@ def _bn_add_relu(x, w, b, rm, rv, training: bool, momentum: float, eps: float, r
 
 _VARIANTS = {(False, False): _bn, (False, True): _bn_relu,
              (True, False): _bn_add, (True, True): _bn_add_relu}
-_compiled: dict = {}
+# Filled once, when a module is first switched to the compiled backend, and never changed
+# afterwards: created lazily inside a forward, the dict would change while torch.compile
+# traces an outer model (whose graph guards on it), and the second step would recompile.
+_COMPILED: dict = {}
 
 
-def _compiled_variant(has_residual: bool, relu: bool):
-    """The compiled function for this combination, compiled on first use and then shared."""
-    key = (has_residual, relu)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_VARIANTS[key], dynamic=True)
-    return _compiled[key]
+def _compile_variants() -> None:
+    """Create the compiled variants (torch.compile itself compiles lazily, at first call)."""
+    if not _COMPILED:
+        _COMPILED.update({key: torch.compile(fn, dynamic=True) for key, fn in _VARIANTS.items()})
 
 
 def _triton_bn_relu():
@@ -82,18 +86,36 @@ def _triton_bn_relu():
     return fn
 
 
+def _check_backend(backend: str):
+    """Validate ``backend`` and get what it needs ready; returns the triton function or None."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown BN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "compiled":
+        _compile_variants()
+    return _triton_bn_relu() if backend == "triton" else None
+
+
 class NormAct(nn.BatchNorm2d):
     """BatchNorm2d, then optionally ``+ residual``, then optionally ReLU: ``forward(x, residual=None)``.
 
-    In training mode every backend updates running_mean / running_var with nn.BatchNorm2d's
-    momentum rule (unbiased batch variance) and counts ``num_batches_tracked``.
+    ``backend`` (eager | compiled | triton) can be changed at any time; an unknown name, or
+    triton without its kernels, raises a UserError when it is set.
     """
 
     def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5,
-                 momentum: float | None = 0.1):
+                 momentum: float | None = 0.1, backend: str = "eager"):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.relu = relu
-        self.backend = "eager"
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._triton = _check_backend(name)
+        self._backend = name
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend}"
@@ -109,63 +131,28 @@ class NormAct(nn.BatchNorm2d):
         return self.momentum
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        momentum = self._momentum()
+        if self._backend == "triton":
+            # the kernels do the bookkeeping: the statistics pass counts the batch and the
+            # finalize pass updates the running statistics (no extra launches)
+            return self._triton(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                self.training, self.momentum, self.eps, residual=residual,
+                                relu=self.relu, num_batches_tracked=self.num_batches_tracked)
         args = (x, self.weight, self.bias, self.running_mean, self.running_var,
-                self.training, momentum, self.eps)
-        if self.backend == "eager":
+                self.training, self._momentum(), self.eps)
+        if self._backend == "eager":
             return bn_act(*args, residual=residual, relu=self.relu)
-        if self.backend == "compiled":
-            fn = _compiled_variant(residual is not None, self.relu)
-            # dynamo keeps nn.Parameter shapes static whatever `dynamic` says, which would
-            # recompile for every channel count; a view of the parameter is a plain tensor
-            # (gradients still flow to the parameter).
-            args = (x, self.weight.view_as(self.weight), self.bias.view_as(self.bias), *args[3:])
-            return fn(*args) if residual is None else fn(*args, residual)
-        if self.backend == "triton":
-            return _triton_bn_relu()(*args, residual=residual, relu=self.relu)
-        raise UserError(f"unknown BN backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-class PlainNormAct(nn.BatchNorm2d):
-    """The ``plain_bn=True`` build: torch's own BatchNorm2d.forward, then ``+ residual``, then nn.ReLU.
-
-    Same call signature as NormAct so model code does not change; it has no backend switch.
-    It is the reference the fused backends are checked against.
-    """
-
-    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5,
-                 momentum: float | None = 0.1):
-        super().__init__(num_features, eps=eps, momentum=momentum)
-        self.act = nn.ReLU() if relu else nn.Identity()
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = nn.BatchNorm2d.forward(self, x)
-        if residual is not None:
-            y = y + residual
-        return self.act(y)
+        fn = _COMPILED[(residual is not None, self.relu)]
+        # dynamo keeps nn.Parameter shapes static whatever `dynamic` says, which would
+        # recompile for every channel count; a view of the parameter is a plain tensor
+        # (gradients still flow to the parameter).
+        args = (x, self.weight.view_as(self.weight), self.bias.view_as(self.bias), *args[3:])
+        return fn(*args) if residual is None else fn(*args, residual)
 
 
 def set_bn_backend(model: nn.Module, backend: str) -> nn.Module:
     """Switch every NormAct in ``model`` to ``backend`` (eager | compiled | triton); returns model."""
-    if backend not in BACKENDS:
-        raise UserError(f"unknown BN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "triton":
-        _triton_bn_relu()  # fail now, not at the first forward
+    _check_backend(backend)     # fail now even for a model without NormAct
     for m in model.modules():
         if isinstance(m, NormAct):
             m.backend = backend
-    return model
-
-
-def to_plain_bn(model: nn.Module) -> nn.Module:
-    """Replace every NormAct by a PlainNormAct holding the same parameters and buffers."""
-    for name, child in list(model.named_children()):
-        if isinstance(child, NormAct):
-            plain = PlainNormAct(child.num_features, relu=child.relu, eps=child.eps,
-                                 momentum=child.momentum)
-            plain.load_state_dict(child.state_dict())
-            plain.train(child.training)
-            setattr(model, name, plain)
-        else:
-            to_plain_bn(child)
     return model

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from fastcifar.errors import UserError
-from fastcifar.models.norm import set_bn_backend, to_plain_bn
+from fastcifar.models.norm import set_bn_backend
 from fastcifar.recipe import Recipe
 
 
@@ -81,25 +81,19 @@ def _entry(name: str) -> dict:
     return _REGISTRY[name]
 
 
-def create_model(name: str, bn_backend: str = "eager", plain_bn: bool = False, **options) -> nn.Module:
-    """Build model ``name`` with its BatchNorm+ReLU layers on ``bn_backend``.
+def create_model(name: str, bn_backend: str = "eager", **options) -> nn.Module:
+    """Build model ``name`` with its BatchNorm+ReLU layers (NormAct) on ``bn_backend``.
 
-    ``plain_bn=True`` builds it with torch's own BatchNorm2d.forward and nn.ReLU instead of
-    NormAct (same state_dict keys); ``options`` go to the model's builder (e.g. ``dropout``).
+    ``options`` go to the model's builder (e.g. ``dropout``).
     """
     entry = _entry(name)
-    if plain_bn and bn_backend != "eager":
-        raise UserError(f"plain_bn builds use torch's own BatchNorm2d; drop the BN backend {bn_backend!r}")
     builder = entry["builder"]
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) or "none"
         raise UserError(f"model {name!r} has no option {', '.join(unknown)}; its options: {allowed}")
-    model = builder(**options)
-    if plain_bn:
-        return to_plain_bn(model)
-    return set_bn_backend(model, bn_backend)
+    return set_bn_backend(builder(**options), bn_backend)
 
 
 def count_params(model: nn.Module) -> int:
