@@ -228,8 +228,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
         log.say(f"resuming {run_dir} at epoch {state.epoch + 1}, step {state.step}")
     if device.type == "cpu" and state.epoch < recipe.epochs:
         log.say(f"note: no GPU, so training runs on the CPU ({recipe.epochs} epochs of {steps_per_epoch} "
-                f"steps) at a few hundred images/s at best: a full recipe on CIFAR-10 takes hours "
-                f"(--epochs 1 checks the set-up)")
+                f"steps): a zoo model's full recipe on CIFAR-10 takes hours here (--epochs 1 checks the set-up)")
     state.sessions += 1
     if ckpt:
         set_rng_state(ckpt["rng"])  # last: set-up above may have drawn random numbers
