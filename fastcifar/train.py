@@ -55,6 +55,7 @@ from fastcifar.summary import RunSummary
 from fastcifar.timing import WARMUP_STEPS, Clock
 
 SYNC_EVERY = 20      # steps between host syncs (progress bar, NaN check, stop requests)
+CHECKPOINT_FORMAT = 2   # what --resume reads: model, optimisation state (step.py), RunState, config
 BN_BACKENDS = ("eager", "compiled", "triton")
 LOADERS = ("gpu", "ffcv")
 
@@ -205,6 +206,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
 
     step = TrainStep(net, model, recipe, cfg.precision, device.type, steps_per_epoch,
                      recipe.epochs * steps_per_epoch)
+    n_params = sum(p.numel() for p in step.params)
     if step.averaged is not None:   # with EMA on, the averaged weights are the result
         eval_net = torch.compile(step.averaged, mode=cfg.compile_mode) if cfg.compile else step.averaged
     state = RunState()
@@ -219,7 +221,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
         atomic_write_json(run_dir / "config.json", {
             "config": dataclasses.asdict(cfg), "recipe": recipe.to_dict(), "notes": notes,
             "world_size": info.world_size, "steps_per_epoch": steps_per_epoch,
-            "params": sum(p.numel() for p in step.params), "classes": classes})
+            "params": n_params, "classes": classes})
     log = RunLog(run_dir, main, cfg.progress, check_tensorboard(cfg.tensorboard) and main,
                  recipe.epochs * steps_per_epoch, state.step, cfg.model, state.history)
     for note in notes:
@@ -237,8 +239,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     return Run(cfg=cfg, recipe=recipe, info=info, device=device, run_dir=run_dir, model=model, net=net,
                eval_net=eval_net, step=step, train_loader=train_loader, test_loader=test_loader,
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
-               lock=lock, target=target, n_params=sum(p.numel() for p in step.params), notes=notes,
-               data=data)
+               lock=lock, target=target, n_params=n_params, notes=notes, data=data)
 
 
 def _loop(run: Run, stop: "_StopOnSignal") -> Outcome:
@@ -407,7 +408,7 @@ def _save(run: Run) -> None:
     run.state.times = run.clock.state()
     cfg = run.cfg
     save_checkpoint(run.run_dir / "last.pt", dict(
-        format=1, model_name=cfg.model, model_options=cfg.model_options, num_classes=len(run.classes),
+        format=CHECKPOINT_FORMAT, model_name=cfg.model, model_options=cfg.model_options, num_classes=len(run.classes),
         model=run.model.state_dict(), **run.step.state_dict(), rng=rng_state(),
         state=dataclasses.asdict(run.state), config=dataclasses.asdict(cfg), recipe=run.recipe.to_dict()))
     run.clock.checkpoint(time.perf_counter() - t0)
@@ -465,6 +466,10 @@ def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe, Optional[dict], lis
         if not (run / "last.pt").is_file():
             raise UserError(f"nothing to resume in {run}: no last.pt (pass a run folder written by `fastcifar train`)")
         ckpt = load_checkpoint(run / "last.pt")
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{run / 'last.pt'} was written by an older fastcifar (checkpoint format "
+                            f"{ckpt.get('format')}, this one resumes {CHECKPOINT_FORMAT}); `fastcifar eval {run}` "
+                            f"still scores it, but training must start anew")
         cfg = _resumed(cfg, ckpt, run)
     if not cfg.model:
         raise UserError("--model is required (see `fastcifar models` for the names)")

@@ -269,3 +269,13 @@ def test_tensorboard_off_and_missing(data, tmp_path, monkeypatch):
         train(small_config(data, tmp_path / "r2", tensorboard=True))
     s = train(small_config(data, tmp_path / "r3", max_steps=1))        # default: off without it
     assert s["steps"] == 1 and not list((tmp_path / "r3").glob("events.out.tfevents*"))
+
+
+def test_checkpoint_of_an_older_format_is_refused_with_a_reason(data, tmp_path):
+    out = tmp_path / "run"
+    train(small_config(data, out, max_steps=2))
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt["format"] = 1
+    torch.save(ckpt, out / "last.pt")
+    with pytest.raises(UserError, match=r"older fastcifar \(checkpoint format 1.*`fastcifar eval .*` still scores it"):
+        train(TrainConfig(resume=str(out), progress=False))
