@@ -328,12 +328,18 @@ def test_undecodable_image(tmp_path):
 
 # ---- atomicity, no-op reruns, --force --------------------------------------------------------------
 
+def make_two_sources(root: Path, seeds: tuple[int, int]):
+    """Two different image-folder archives in ``root``: ((path, expected), (path, expected))."""
+    out = []
+    for name, seed in zip("ab", seeds):
+        folder, expected = make_image_folder(root / name, np.random.default_rng(seed))
+        out.append((tar_gz(folder, root / f"{name}.tar.gz"), expected))
+    return tuple(out)
+
+
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    a, exp_a = make_image_folder(root / "a", np.random.default_rng(20))
-    b, exp_b = make_image_folder(root / "b", np.random.default_rng(21))
-    return (tar_gz(a, root / "a.tar.gz"), exp_a), (tar_gz(b, root / "b.tar.gz"), exp_b)
+    return make_two_sources(tmp_path_factory.mktemp("sources"), (20, 21))
 
 
 def test_rerun_is_noop_and_force_converts_again(tmp_path, two_sources, capsys):

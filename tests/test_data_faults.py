@@ -17,7 +17,7 @@ import pytest
 from beton_data import read_manifest, sources, write_beton
 from beton_data.convert import convert
 from beton_data.errors import UserError
-from test_data_convert import assert_output, make_image_folder, no_temporaries, tar_gz
+from test_data_convert import assert_output, make_image_folder, make_two_sources, no_temporaries
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,10 +70,7 @@ class Lines:
 
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    a, exp_a = make_image_folder(root / "a", np.random.default_rng(40))
-    b, exp_b = make_image_folder(root / "b", np.random.default_rng(41))
-    return (tar_gz(a, root / "a.tar.gz"), exp_a), (tar_gz(b, root / "b.tar.gz"), exp_b)
+    return make_two_sources(tmp_path_factory.mktemp("sources"), (40, 41))
 
 
 def _stalled_convert(source: Path, out: Path, started: Path, go: Path) -> subprocess.Popen:

@@ -253,10 +253,16 @@ def test_missing_airbench_is_a_user_error(monkeypatch):
     (["--device", "cpu"], "needs a CUDA GPU"),
 ])
 def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
+    _assert_cli_error("speedrun", tiny, tmp_path, monkeypatch, capsys, args, message)
+
+
+def _assert_cli_error(command, tiny, tmp_path, monkeypatch, capsys, args, message):
+    """`fastcifar COMMAND --out FILE ARGS` exits 1 with a one-line error holding ``message``
+    and writes no result."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--data" not in args:
         args += ["--data", str(tiny / "data")]
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "speedrun", "--out", str(tmp_path / "r.json"), *args])
+    monkeypatch.setattr(sys, "argv", ["fastcifar", command, "--out", str(tmp_path / "r.json"), *args])
     with pytest.raises(SystemExit) as exit_:
         main()
     err = capsys.readouterr().err
@@ -399,15 +405,7 @@ def test_calibrate_records_a_failed_run_and_goes_on(tiny, tmp_path, monkeypatch)
     (["--data", "{tmp}/nowhere"], "run `fastcifar convert` first"),
 ])
 def test_calibrate_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if "--data" not in args:
-        args += ["--data", str(tiny / "data")]
-    monkeypatch.setattr(sys, "argv", ["fastcifar", "calibrate", "--out", str(tmp_path / "c.json"), *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 1 and err.startswith("error: ") and message in err, err
-    assert not (tmp_path / "c.json").exists()
+    _assert_cli_error("calibrate", tiny, tmp_path, monkeypatch, capsys, args, message)
 
 
 def test_unwritable_out_is_one_line_before_any_run(tiny, tmp_path, monkeypatch, capsys):

@@ -13,11 +13,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _bench_train():
-    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "bench_train.py")
+def _bench(name: str):
+    """bench/NAME.py imported as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_train():
+    return _bench("bench_train")
 
 
 def test_bench_train_dry_run(tmp_path, capsys):
@@ -65,10 +70,7 @@ def test_gpu_suite_rejects_unknown_stage(tmp_path):
 
 
 def _bench_loaders():
-    spec = importlib.util.spec_from_file_location("bench_loaders", REPO / "bench" / "bench_loaders.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench("bench_loaders")
 
 
 def test_bench_loaders_records_a_failing_loader_and_writes_after_each(tmp_path, monkeypatch):
