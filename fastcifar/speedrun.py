@@ -35,6 +35,7 @@ from beton_data.files import check_writable
 from fastcifar.errors import UserError
 from beton_data import check_data
 from fastcifar.leaderboard import add_entry, settings_of
+from fastcifar.summary import RunSummary, from_dict as summary_from_dict
 from fastcifar.machine import command_line, device_name, machine_info, resolve_device
 from fastcifar.results import (ACCURACY_MARGIN, ALPHA, RECORD_MIN_RUNS, aggregate, compare, device_slug, format_ci,
                                format_p, format_pm, now_iso, write_result)
@@ -101,8 +102,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
             summary = _train_once(model, overrides, data, work / name, device, run_seed, loader,
                                   bn_backend, compile)
-            t = summary["times"]
-            r = {"seed": run_seed, "accuracy": summary["final_acc"],
+            t = summary.times
+            r = {"seed": run_seed, "accuracy": summary.final_acc,
                  "time_s": t["train_s"] + t["eval_s"], "train_s": t["train_s"], "eval_s": t["eval_s"],
                  "compile_warmup_s": t["compile_warmup_s"], "wall_s": t["wall_s"]}
             if npz_beton is not None:
@@ -121,13 +122,12 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                             f"see {out}") from None
         say(f"  warm-up run: {100 * warm['accuracy']:.2f}% in {time.perf_counter() - t0:.1f} s wall "
             f"(compile/warm-up {warm['compile_warmup_s']:.1f} s; untimed)")
-        result.update(warmup=warm, device=summary["device"], versions=summary["versions"],
-                      machine=machine_info(device), params=summary["params"], precision=summary["precision"],
-                      bn_backend=summary["bn_backend"], compile=summary["compile"],
-                      settings=settings_of(recipe.to_dict(), {}, precision=summary["precision"],
-                                           world_size=summary.get("world_size", 1),
-                                           bn_backend=summary["bn_backend"], loader=loader,
-                                           compile=summary["compile"]))
+        result.update(warmup=warm, device=summary.device, versions=summary.versions,
+                      machine=machine_info(device), params=summary.params, precision=summary.precision,
+                      bn_backend=summary.bn_backend, compile=summary.compile,
+                      settings=settings_of(recipe.to_dict(), {}, precision=summary.precision,
+                                           world_size=summary.world_size, bn_backend=summary.bn_backend,
+                                           loader=loader, compile=summary.compile))
         rec.save()
 
         for i, s in enumerate(result["seeds"]):
@@ -233,7 +233,7 @@ class _Recorder:
 # -----------------------------------------------------------------------------
 # one run of ours
 
-def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backend, compile) -> dict:
+def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backend, compile) -> "RunSummary":
     from fastcifar.train import TrainConfig, train
 
     # timed runs: evaluate after the last epoch only, and write nothing but the final result
@@ -242,13 +242,13 @@ def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backen
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
                       compile=compile, eval_every=10**9, progress=False, tensorboard=False,
                       epoch_checkpoints=False, plots=False)
-    summary = train(cfg)
-    if summary.get("signal") is not None:
+    summary = summary_from_dict(train(cfg))
+    if summary.signal is not None:
         import signal
 
-        raise _Interrupted(f"interrupted by {signal.Signals(summary['signal']).name} (seed {seed})")
-    if summary.get("status") not in ("completed", "target_reached"):
-        raise RuntimeError(f"the run ended with status {summary.get('status')!r}")
+        raise _Interrupted(f"interrupted by {signal.Signals(summary.signal).name} (seed {seed})")
+    if not summary.is_result:
+        raise RuntimeError(f"the run ended with status {summary.status!r}")
     return summary
 
 

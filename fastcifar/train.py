@@ -168,37 +168,17 @@ def _setup(cfg, recipe, ckpt, data, info, device, clock, notes) -> Run:
 
 
 def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir, lock) -> Run:
-    from beton_data import AugConfig, make_loader
-    from fastcifar.models import create_model
-
     main = info.is_main
     if recipe.batch_size % info.world_size:
         raise UserError(f"batch size {recipe.batch_size} does not split over {info.world_size} processes")
-
     # seeds first: model initialisation must not depend on anything else
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    model = create_model(cfg.model, bn_backend=cfg.bn_backend, num_classes=len(classes), **cfg.model_options)
-    model = model.to(device, memory_format=torch.channels_last)
-    net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    eval_net = net
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
-
-    # the data: augmentation exactly as the recipe says; the test set never augmented
-    in_dtype = PRECISIONS[cfg.precision] if device.type == "cuda" else torch.float32
-    per_rank = recipe.batch_size // info.world_size
-    common = dict(device=device, dtype=in_dtype, seed=cfg.seed, rank=info.rank,
-                  world_size=info.world_size, num_workers=cfg.num_workers)
-    train_loader = make_loader(cfg.loader, str(data.paths["train"]), per_rank, train=True,
-                               aug=AugConfig.from_recipe(recipe), **common)
-    test_loader = make_loader(cfg.loader, str(data.paths["test"]), max(per_rank, 500), train=False,
-                              aug=None, **common)
+    model, net = _model(cfg, len(classes), info, device)
+    train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise UserError(f"batch size {recipe.batch_size} is larger than the training set "
@@ -207,8 +187,9 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     step = TrainStep(net, model, recipe, cfg.precision, device.type, steps_per_epoch,
                      recipe.epochs * steps_per_epoch)
     n_params = sum(p.numel() for p in step.params)
-    if step.averaged is not None:   # with EMA on, the averaged weights are the result
-        eval_net = torch.compile(step.averaged, mode=cfg.compile_mode) if cfg.compile else step.averaged
+    # what is evaluated: with EMA on the averaged weights are the result; never through DDP
+    evaluated = step.averaged if step.averaged is not None else model
+    eval_net = torch.compile(evaluated, mode=cfg.compile_mode) if cfg.compile else evaluated
     state = RunState()
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -240,6 +221,34 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
                eval_net=eval_net, step=step, train_loader=train_loader, test_loader=test_loader,
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
                lock=lock, target=target, n_params=n_params, notes=notes, data=data)
+
+
+def _model(cfg: TrainConfig, num_classes: int, info: dist.DistInfo, device: torch.device):
+    """The model (channels-last on the device) and what trains it: compiled, in DDP."""
+    from fastcifar.models import create_model
+
+    model = create_model(cfg.model, bn_backend=cfg.bn_backend, num_classes=num_classes, **cfg.model_options)
+    model = model.to(device, memory_format=torch.channels_last)
+    net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
+    return model, net
+
+
+def _loaders(cfg: TrainConfig, recipe: Recipe, data: DataFiles, info: dist.DistInfo, device: torch.device):
+    """This rank's training batches, augmented exactly as the recipe says, and its test batches
+    (never augmented; at least 500 a batch, as evaluation needs no small batches)."""
+    from beton_data import AugConfig, make_loader
+
+    per_rank = recipe.batch_size // info.world_size
+    common = dict(device=device, dtype=PRECISIONS[cfg.precision] if device.type == "cuda" else torch.float32,
+                  seed=cfg.seed, rank=info.rank, world_size=info.world_size, num_workers=cfg.num_workers)
+    train_loader = make_loader(cfg.loader, str(data.paths["train"]), per_rank, train=True,
+                               aug=AugConfig.from_recipe(recipe), **common)
+    test_loader = make_loader(cfg.loader, str(data.paths["test"]), max(per_rank, 500), train=False,
+                              aug=None, **common)
+    return train_loader, test_loader
 
 
 def _loop(run: Run, stop: "_StopOnSignal") -> Outcome:

@@ -16,6 +16,7 @@ from fastcifar.errors import UserError
 from beton_data import data_name
 from fastcifar.leaderboard import ENTRY_DIR, collect
 from fastcifar.results import device_slug
+from fastcifar.summary import from_dict as summary_from_dict
 from fastcifar.speedrun import report_lines, speedrun
 
 
@@ -286,9 +287,11 @@ def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=l
             raise RuntimeError(f"CUDA out of memory (seed {seed})")
         if seed == interrupt_seed:
             raise sr._Interrupted(f"interrupted by SIGTERM (seed {seed})")
-        return {"final_acc": accuracy(seed), "device": "CPU (test)", "versions": {"torch": torch.__version__},
-                "params": 1, "precision": "fp32", "bn_backend": "eager", "compile": False, "world_size": 1,
-                "times": {"train_s": 1e-4 * (1 + seed % 3), "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}}
+        return summary_from_dict({
+            "model": model, "status": "completed", "final_acc": accuracy(seed), "device": "CPU (test)",
+            "versions": {"torch": torch.__version__}, "params": 1, "precision": "fp32", "bn_backend": "eager",
+            "compile": False, "world_size": 1,
+            "times": {"train_s": 1e-4 * (1 + seed % 3), "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}})
 
     monkeypatch.setattr(sr, "_train_once", fake)
 
