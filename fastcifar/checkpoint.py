@@ -15,6 +15,10 @@ import torch
 from beton_data.files import atomic_path
 from fastcifar.errors import UserError
 
+# What `--resume` reads: the model, the optimisation state (fastcifar/step.py), the run's state
+# (fastcifar/train.py RunState) and its config. A checkpoint of another format still evaluates.
+CHECKPOINT_FORMAT = 2
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
     path = Path(path)

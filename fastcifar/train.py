@@ -38,15 +38,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from beton_data import DEFAULT_DATA_DIR, DataFiles, check_data
+from beton_data import DataFiles, check_data
 from beton_data.files import FileLock, check_writable, remove_stale_temporaries
 from fastcifar import dist
-from fastcifar.config import TrainConfig
-from fastcifar.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastcifar.config import TrainConfig, resolve
+from fastcifar.checkpoint import CHECKPOINT_FORMAT, rng_state, save_checkpoint, set_rng_state
 from fastcifar.errors import UserError
 from fastcifar.evaluate import evaluate
-from fastcifar.machine import command_line, device_name, resolve_device, sync, versions
-from fastcifar.optim import FUSED
+from fastcifar.machine import command_line, device_name, sync, versions
 from fastcifar.recipe import Recipe
 from fastcifar.results import atomic_write_json, now_iso
 from fastcifar.runlog import RunLog, check_tensorboard
@@ -55,9 +54,6 @@ from fastcifar.summary import RunSummary
 from fastcifar.timing import WARMUP_STEPS, Clock
 
 SYNC_EVERY = 20      # steps between host syncs (progress bar, NaN check, stop requests)
-CHECKPOINT_FORMAT = 2   # what --resume reads: model, optimisation state (step.py), RunState, config
-BN_BACKENDS = ("eager", "compiled", "triton")
-LOADERS = ("gpu", "ffcv")
 
 
 class Outcome(str, Enum):
@@ -116,7 +112,7 @@ class Run:
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) one run; returns the summary (also written to summary.json)."""
     clock = Clock()
-    cfg, recipe, ckpt, notes = _resolve(cfg)
+    cfg, recipe, ckpt, notes = resolve(cfg)
     device = torch.device(cfg.device)
     info = dist.init(device.type)
     # refuses missing, damaged or foreign data before any work; hashes each new file once
@@ -464,121 +460,7 @@ def _epoch_line(r: dict, epochs: int, averaged: bool) -> str:
 
 
 # -----------------------------------------------------------------------------
-# configuration
-
-def _resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe, Optional[dict], list[str]]:
-    """Fill in the automatic choices and check everything that can be checked before any work:
-    the config, its recipe (with notes on what was adjusted) and, with --resume, the checkpoint."""
-    ckpt, notes = None, []
-    if cfg.resume:
-        run = Path(cfg.resume)
-        if not (run / "last.pt").is_file():
-            raise UserError(f"nothing to resume in {run}: no last.pt (pass a run folder written by `fastcifar train`)")
-        ckpt = load_checkpoint(run / "last.pt")
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"{run / 'last.pt'} was written by an older fastcifar (checkpoint format "
-                            f"{ckpt.get('format')}, this one resumes {CHECKPOINT_FORMAT}); `fastcifar eval {run}` "
-                            f"still scores it, but training must start anew")
-        cfg = _resumed(cfg, ckpt, run)
-    if not cfg.model:
-        raise UserError("--model is required (see `fastcifar models` for the names)")
-    device = resolve_device(cfg.device)  # "cpu", "cuda" or "cuda:N"
-    gpu = device.startswith("cuda")
-    recipe_tag = cfg.recipe_tag or "fast"
-    if ckpt:
-        recipe = Recipe.from_dict(ckpt["recipe"])
-    else:
-        recipe, notes = _resolve_recipe(cfg.model, recipe_tag, cfg.config_file, cfg.overrides)
-    compile_ = gpu if cfg.compile is None else cfg.compile
-    precision = cfg.precision
-    if precision is None:
-        precision = "fp32"
-        if gpu and recipe.optimizer in FUSED:
-            precision = "fp16"
-        elif gpu:
-            precision = "bf16"
-            notes.append(f"precision bf16: {recipe.optimizer} has no fused implementation, so under "
-                         f"fp16 its GradScaler would wait for the GPU at every step (--precision fp16 "
-                         f"to choose it anyway)")
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    bn_backend = cfg.bn_backend or ("compiled" if compile_ and gpu else "eager")
-    if bn_backend not in BN_BACKENDS:
-        raise UserError(f"unknown BN backend {bn_backend!r}; choose one of {', '.join(BN_BACKENDS)}")
-    loader = cfg.loader or "gpu"
-    if loader not in LOADERS:
-        raise UserError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")
-    eval_every = 1 if cfg.eval_every is None else cfg.eval_every
-    if eval_every < 1:
-        raise UserError("--eval-every must be at least 1")
-    if cfg.target is not None and not 0 < cfg.target <= 100:
-        raise UserError("--target is an accuracy: 0.94 or 94 (percent)")
-    check_tensorboard(cfg.tensorboard)
-    data = Path(cfg.data or DEFAULT_DATA_DIR)
-    cfg = dataclasses.replace(cfg, device=device, compile=compile_, precision=precision, bn_backend=bn_backend,
-                              loader=loader, eval_every=eval_every, recipe_tag=recipe_tag,
-                              seed=0 if cfg.seed is None else cfg.seed, data=str(data.resolve()),
-                              compile_mode=cfg.compile_mode if compile_ else None)
-    return cfg, recipe, ckpt, notes
-
-
-def _resumed(cfg: TrainConfig, ckpt: dict, run: Path) -> TrainConfig:
-    """The run's saved config, with the options that may change on a resume taken from ``cfg``;
-    a UserError naming every other option that was given and differs from the run's."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    saved = TrainConfig(**{k: v for k, v in ckpt["config"].items() if k in fields})
-    fresh = TrainConfig()
-    given = {k for k in fields if getattr(cfg, k) != getattr(fresh, k)} - {"resume"}
-    conflicts = []
-    for name in sorted(given):
-        if fields[name].metadata.get("resumable") or name in ("epoch_checkpoints", "plots"):
-            continue
-        if name == "overrides":
-            conflicts += [f"recipe field {k}" for k, v in cfg.overrides.items()
-                          if str(v) != str(ckpt["recipe"].get(k.replace("-", "_")))]
-        elif getattr(cfg, name) != getattr(saved, name):
-            flag = fields[name].metadata.get("flags", (f"{name}",))[0].split("/")[0]
-            conflicts.append("--model-opt" if name == "model_options" else flag)
-    if conflicts:
-        allowed = ", ".join(f.metadata["flags"][0].split("/")[0] for f in fields.values() if f.metadata.get("resumable"))
-        raise UserError(f"--resume continues {run} with the settings it started with; these cannot change: "
-                        f"{', '.join(conflicts)} (allowed with --resume: {allowed})")
-    keep = {k: getattr(cfg, k) for k in given if fields[k].metadata.get("resumable")}
-    # a step limit and the progress bar belong to one session, never to the run
-    keep.update(max_steps=cfg.max_steps, progress=cfg.progress)
-    return dataclasses.replace(saved, resume=str(run), out=str(run), **keep)
-
-
-def _resolve_recipe(model: str, tag: str, config_file: Optional[str], overrides: dict) -> tuple[Recipe, list[str]]:
-    """The model's recipe (report or fast), then the config file, then the overrides; with the
-    learning rate scaled when only the batch size changed (see Recipe.for_batch_size)."""
-    from fastcifar.models import get_recipe
-
-    if tag not in ("report", "fast"):
-        raise UserError(f"unknown recipe {tag!r}; choose report or fast")
-    base = recipe = get_recipe(model, tag)
-    from_file: dict = {}
-    if config_file:
-        if not Path(config_file).is_file():
-            raise UserError(f"no config file {config_file}")
-        try:
-            from_file = Recipe.read_file(config_file)
-            recipe = recipe.replace(**from_file)
-        except (ValueError, TypeError) as e:
-            raise UserError(f"{config_file}: {e}") from None
-    try:
-        recipe = recipe.replace(**overrides)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"bad override: {e}") from None
-    recipe.validate()
-    notes = []
-    lr_given = "lr" in from_file or any(k.replace("-", "_") == "lr" for k in overrides)
-    if recipe.batch_size != base.batch_size and not lr_given:
-        scaled, note = dataclasses.replace(recipe, batch_size=base.batch_size, lr=base.lr).for_batch_size(recipe.batch_size)
-        recipe = dataclasses.replace(recipe, lr=scaled.lr)
-        notes.append(note)
-    return recipe, notes
-
+# the run folder and the data
 
 def _data_classes(data: DataFiles, model_options: dict) -> list[str]:
     """The class names of the data: the one owner of the number of classes (the model, the

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fastcifar.train as T
+from fastcifar.config import resolve
 from fastcifar.train import train
 from train_helpers import make_data, small_config
 
@@ -62,9 +63,9 @@ def test_fp16_loop_syncs_once_per_window(data, tmp_path, monkeypatch, optimizer)
 
 
 def test_adadelta_defaults_to_bf16_on_gpu_only(data, tmp_path):
-    cfg, _, _, notes = T._resolve(small_config(data, tmp_path / "r", overrides=dict(optimizer="adadelta", lr=1.0)))
+    cfg, _, _, notes = resolve(small_config(data, tmp_path / "r", overrides=dict(optimizer="adadelta", lr=1.0)))
     assert cfg.precision == "fp32" and not notes      # CPU: fp32, no note
-    cfg, _, _, _ = T._resolve(small_config(data, tmp_path / "r", overrides=dict(optimizer="sgd")))
+    cfg, _, _, _ = resolve(small_config(data, tmp_path / "r", overrides=dict(optimizer="sgd")))
     assert cfg.precision == "fp32"
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import fastcifar.train as T
 from beton_data import write_beton
+from fastcifar.config import resolve_recipe
 from fastcifar.errors import UserError
 from fastcifar.train import TrainConfig, train
 from train_helpers import CLI, MODEL, TINY, make_data, small_config, subprocess_env
@@ -183,20 +183,20 @@ def test_second_ctrl_c_names_the_run_folder(data, tmp_path, monkeypatch):
 # settings a user changes
 
 def test_batch_size_alone_scales_the_learning_rate(data, tmp_path):
-    recipe, notes = T._resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256"})
+    recipe, notes = resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256"})
     assert recipe.lr == pytest.approx(0.8 * 256 / 1024)            # SGD: linear
     assert "learning rate 0.8 -> 0.2 (linear scaling for sgd" in notes[0]
-    recipe, notes = T._resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256", "optimizer": "adam"})
+    recipe, notes = resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256", "optimizer": "adam"})
     assert recipe.lr == pytest.approx(0.8 * 0.5)                    # Adam: square root
-    recipe, notes = T._resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256", "lr": "0.3"})
+    recipe, notes = resolve_recipe("speedrun_net", "fast", None, {"batch_size": "256", "lr": "0.3"})
     assert recipe.lr == 0.3 and not notes                           # --lr wins
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"lr": 0.05}))
-    recipe, notes = T._resolve_recipe("speedrun_net", "fast", str(conf), {"batch_size": "256"})
+    recipe, notes = resolve_recipe("speedrun_net", "fast", str(conf), {"batch_size": "256"})
     assert recipe.lr == 0.05 and not notes                          # so does a config file's lr
     from fastcifar.models import get_recipe
     report = get_recipe("resnet_2111", "report")
-    recipe, notes = T._resolve_recipe("resnet_2111", "report", None, {"batch_size": "64"})
+    recipe, notes = resolve_recipe("resnet_2111", "report", None, {"batch_size": "64"})
     assert recipe.optimizer == "adam" and recipe.lr == pytest.approx(report.lr * (64 / report.batch_size) ** 0.5)
 
 
