@@ -55,19 +55,20 @@ class RunLog:
         else:
             self.bar.write(text)
 
-    def steps(self, first_step: int, losses: list[float], lrs: list[float], images_per_s: float,
+    def steps(self, first_step: int, n: int, losses: list[float], lrs: list[float], images_per_s: float,
               postfix: dict) -> None:
-        """A window of steps just ended (at a host sync): progress bar and per-step scalars."""
+        """A window of ``n`` steps just ended (at a host sync): progress bar, and per-step scalars
+        (``losses`` and ``lrs`` are given only when TensorBoard is on)."""
         if not self.main:
             return
-        self.bar.update(len(losses))
+        self.bar.update(n)
         if not self.bar.disable:
             self.bar.set_postfix(**postfix)
         if self.tb is not None:
             for i, (loss, lr) in enumerate(zip(losses, lrs)):
                 self.tb.add_scalar("train/loss", loss, first_step + i + 1)
                 self.tb.add_scalar("train/lr", lr, first_step + i + 1)
-            self.tb.add_scalar("train/images_per_s", images_per_s, first_step + len(losses))
+            self.tb.add_scalar("train/images_per_s", images_per_s, first_step + n)
 
     def epoch(self, record: dict, class_names: list[str], per_class: Optional[list[float]], line: str) -> None:
         """An epoch's record: appended to metrics.jsonl, sent to TensorBoard, printed."""

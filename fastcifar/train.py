@@ -115,8 +115,6 @@ def train(cfg: TrainConfig) -> dict:
     cfg, recipe, ckpt, notes = resolve(cfg)
     device = torch.device(cfg.device)
     info = dist.init(device.type)
-    # refuses missing, damaged or foreign data before any work; hashes each new file once
-    data = check_data(cfg.data, verify=None if info.is_main else False, say=print if info.is_main else None)
     if device.type == "cuda":
         # under torchrun each process takes its local rank's GPU; alone, the one asked for
         index = info.local_rank if info.enabled or device.index is None else device.index
@@ -125,6 +123,9 @@ def train(cfg: TrainConfig) -> dict:
     run = None
     try:
         with _StopOnSignal() as stop:
+            # refuses missing, damaged or foreign data before any work; hashes each new file once
+            data = check_data(cfg.data, verify=None if info.is_main else False,
+                              say=print if info.is_main else None)
             run = _setup(cfg, recipe, ckpt, data, info, device, clock, notes)
             return _finish(run, _loop(run, stop), stop)
     except _NonFinite:
@@ -272,8 +273,9 @@ def _train_epoch(run: Run, stop: "_StopOnSignal") -> Outcome:
     sums = torch.zeros(3, dtype=torch.float64, device=device)     # loss sum, correct, seen
     window = torch.zeros(2, dtype=torch.float64, device=device)   # non-finite losses, steps
     one = torch.ones((), dtype=torch.float64, device=device)
+    logged = run.log.tb is not None        # per-step values are wanted only by TensorBoard
     losses: list = []                      # this window's losses, for the per-step log
-    outcome, done = Outcome.COMPLETED, 0
+    outcome, done, window_steps = Outcome.COMPLETED, 0, 0
     sync(device)
     t0 = t_window = time.perf_counter()
     for i, (images, labels) in enumerate(run.train_loader):
@@ -283,8 +285,9 @@ def _train_epoch(run: Run, stop: "_StopOnSignal") -> Outcome:
         n = labels.shape[0]
         sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(), one * n])
         window += torch.stack([(~torch.isfinite(loss)).double(), one])
-        losses.append(loss)
-        s.step, s.batch, done = s.step + 1, i + 1, done + 1
+        if logged:
+            losses.append(loss)
+        s.step, s.batch, done, window_steps = s.step + 1, i + 1, done + 1, window_steps + 1
         if clock.warming_up() and clock.now.steps + done == WARMUP_STEPS:
             sync(device)
             clock.warmup_done(time.perf_counter() - t0)
@@ -295,19 +298,20 @@ def _train_epoch(run: Run, stop: "_StopOnSignal") -> Outcome:
             # the one host sync of the window: NaN check, whether any rank was signalled,
             # progress and the per-step losses, in one transfer
             flags = dist.all_reduce(torch.cat([window, one.view(1) * float(stop.signum is not None)]), info)
-            host = torch.cat([flags, sums, torch.stack(losses).double().view(-1)]).tolist()
+            parts = [flags, sums] + ([torch.stack(losses).double()] if losses else [])
+            host = torch.cat(parts).tolist()
             bad, steps_in_window, stop_requested = host[:3]
             loss_sum, correct, seen = host[3:6]
             if _diverged(run, bad, steps_in_window):
                 raise _NonFinite()
             window.zero_()
-            now = time.perf_counter()
-            run.log.steps(s.step - len(losses), host[6:], [run.step.schedule(k) for k in range(s.step - len(losses), s.step)],
-                          info.world_size * len(losses) * n / max(now - t_window, 1e-9),
+            now, first = time.perf_counter(), s.step - window_steps
+            run.log.steps(first, window_steps, host[6:], [run.step.schedule(k) for k in range(first, s.step)] if logged else [],
+                          info.world_size * window_steps * n / max(now - t_window, 1e-9),
                           dict(epoch=s.epoch + 1, loss=f"{loss_sum / max(seen, 1):.3f}",
                                acc=f"{100 * correct / max(seen, 1):.1f}%",
                                img_s=f"{info.world_size * seen / max(now - t0, 1e-9):.0f}"))
-            losses, t_window = [], now
+            losses, t_window, window_steps = [], now, 0
             if stop_requested:
                 outcome = Outcome.INTERRUPTED
                 break
