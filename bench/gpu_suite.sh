@@ -77,6 +77,16 @@ GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_kernels_compile.py test
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# Compile caches carried from call to call. A GPU node starts with empty caches, so every call
+# would compile the same Triton kernels and inductor graphs again. TorchInductor's and Triton's
+# caches live in $CACHE_ROOT; a call unpacks $CACHE_IN (the compile_cache.tar.gz an earlier call
+# left in $OUT, copied into the carried bundle) before its first step and packs the cache into
+# $OUT/compile_cache.tar.gz after its last. FASTCIFAR_COMPILE_CACHE ("cold" or "warm: ...") is
+# recorded in every results file (machine_info): a compile time measured warm is not a
+# cold-start figure.
+CACHE_IN=${COMPILE_CACHE_IN:-.gpu/compile_cache.tar.gz}
+CACHE_ROOT=${COMPILE_CACHE_DIR:-/tmp/fastcifar-compile-cache}
+CACHE_MAX_MB=${CACHE_MAX_MB:-14}                 # the bundle (~47 MiB) + this stay under the 64 MiB a call carries
 
 mkdir -p "$OUT" "$RESULTS"
 log="$OUT/suite_${stage}.log"
@@ -96,6 +106,29 @@ step() {
   local rc=$?
   [ $rc -eq 0 ] || { say "FAILED rc=$rc: $*"; failed=$((failed + 1)); }
   return $rc
+}
+setup_cache() {
+  mkdir -p "$CACHE_ROOT"
+  if [ -f "$CACHE_IN" ] && tar xzf "$CACHE_IN" -C "$CACHE_ROOT"; then
+    FASTCIFAR_COMPILE_CACHE="warm: $(find "$CACHE_ROOT" -type f | wc -l) files from $CACHE_IN"
+  else
+    FASTCIFAR_COMPILE_CACHE="cold"
+  fi
+  export FASTCIFAR_COMPILE_CACHE TORCHINDUCTOR_CACHE_DIR="$CACHE_ROOT/inductor" TRITON_CACHE_DIR="$CACHE_ROOT/triton"
+  say "compile cache: $FASTCIFAR_COMPILE_CACHE (in $CACHE_ROOT)"
+}
+pack_cache() {
+  local tmp; tmp=$(mktemp /tmp/compile_cache.XXXXXX)
+  if ! tar czf "$tmp" -C "$CACHE_ROOT" . 2>/dev/null; then
+    rm -f "$tmp"; say "compile cache not packed (tar failed)"; return
+  fi
+  local bytes; bytes=$(stat -c %s "$tmp")
+  if [ "$bytes" -le $((CACHE_MAX_MB * 1048576)) ]; then
+    mv "$tmp" "$OUT/compile_cache.tar.gz"
+    say "compile cache packed: $OUT/compile_cache.tar.gz ($((bytes / 1024)) KiB); copy it to $CACHE_IN for the next call"
+  else
+    rm -f "$tmp"; say "compile cache not packed: $((bytes / 1048576)) MiB is over CACHE_MAX_MB=$CACHE_MAX_MB"
+  fi
 }
 FC="$PY -m fastcifar.cli"
 SETS=()
@@ -217,6 +250,7 @@ stage_call3() {
 }
 
 say "gpu_suite stage '$stage' (budget ${BUDGET_S}s), results to $OUT"
+setup_cache
 stage_preflight   # a failure is counted; the stage goes on unless the data is missing
 case "$stage" in
   preflight) ;;
@@ -232,6 +266,7 @@ case "$stage" in
   call3) need_data; stage_call3 ;;
   all) need_data; stage_env; stage_kernels; stage_loaders; stage_train; stage_calibrate; stage_speedrun; stage_tune ;;
 esac
+pack_cache
 say "done ($failed step(s) failed or skipped); files in $OUT:"
 ls -laR "$OUT"
 [ "$failed" -eq 0 ]

@@ -117,4 +117,8 @@ def machine_info(device=None) -> dict:
         info["device_name"] = device_name(device)
     info["versions"] = versions()
     info["command"] = command_line()
+    # bench/gpu_suite.sh says whether compile caches were carried in from an earlier call: a
+    # compile time measured with a warm cache is not a cold-start figure
+    if os.environ.get("FASTCIFAR_COMPILE_CACHE"):
+        info["compile_cache"] = os.environ["FASTCIFAR_COMPILE_CACHE"]
     return info

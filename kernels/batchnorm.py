@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -187,11 +188,35 @@ def _empty(shape_or_like, **kw) -> Tensor:
     return t
 
 
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    The reduction passes loop over `range(first, last)` with bounds computed in the kernel.
+    Triton's interpreter before 3.7 turns such a bound into an int with `int(array)` on a
+    one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"); compiled kernels on a GPU are not affected."""
+    def major_minor(v: str) -> tuple:
+        return tuple(int(p) for p in re.findall(r"\d+", v)[:2])
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run these kernels "
+                f"with NumPy {numpy_version}: install triton>=3.7 or numpy<2.4 for CPU runs")
+    return None
+
+
 def _check_device(x: Tensor) -> None:
     if not (x.is_cuda or INTERPRET):
         raise RuntimeError(
             "bn_relu runs Triton kernels: give it CUDA tensors, or set TRITON_INTERPRET=1 "
             "before importing triton to run them on CPU (slow; meant for tests)")
+    if INTERPRET and _interpreter_problem_here():
+        raise RuntimeError(_interpreter_problem_here())
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem_here() -> Optional[str]:
+    import numpy
+    import triton
+    return interpreter_problem(triton.__version__, numpy.__version__)
 
 
 # ----------------------------------------------------------------------------------------

@@ -282,6 +282,25 @@ def test_bad_inputs():
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("triton_v, numpy_v, refused", [
+    ("3.6.0", "2.5.2", True), ("3.6.0", "2.4.0", True),          # the interpreter's int(array)
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.2", False), ("3.9.0", "2.4.6", False),
+    ("3.6.0+git1a2b3c", "2.4.0rc1", True)])
+def test_interpreter_version_check(triton_v, numpy_v, refused):
+    problem = impl.interpreter_problem(triton_v, numpy_v)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_v in problem and numpy_v in problem and "\n" not in problem
+
+
+@pytest.mark.skipif(not impl.INTERPRET, reason="the check guards interpreter runs only")
+def test_interpreter_problem_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(impl, "_interpreter_problem_here", lambda: "Triton 3.6.0's interpreter ...")
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
+        bn_relu(x, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), True)
+
+
 def test_torch_compile_fullgraph():
     """A small residual network built on NormAct (triton backend) compiles with fullgraph=True (no
     graph breaks: the custom ops have fake impls, the running-stats mutation is declared) and

@@ -13,6 +13,7 @@ import torch
 from fastcifar import baseline as ab
 from fastcifar.cli import main
 from fastcifar.errors import UserError
+from fastcifar.machine import package_version
 from beton_data import data_name
 from fastcifar.leaderboard import ENTRY_DIR, collect
 from fastcifar.results import device_slug
@@ -54,7 +55,9 @@ def test_speedrun_cpu_two_runs_writes_result_and_entry(tiny, tmp_path, capsys):
     stored = json.loads(out.read_text())
     assert stored == json.loads(json.dumps(result))
     assert stored["kind"] == "speedrun_result" and stored["model"] == "speedrun_net"
-    assert stored["device"].startswith("CPU") and stored["versions"]["torch"] == torch.__version__
+    # the installed distribution's version: "2.11.0" where torch.__version__ says "2.11.0+cu130"
+    assert stored["device"].startswith("CPU") and stored["versions"]["torch"] == package_version("torch")
+    assert torch.__version__.startswith(stored["versions"]["torch"])
     assert stored["data"] == "cifar10-jpeg-q75 (lossy)" and stored["recipe_fields"]["epochs"] == 1
     assert stored["command"] and stored["baseline"] is None and "time_ratio" not in stored
     assert stored["seeds"] == [3, 4] and [r["seed"] for r in stored["runs"]] == [3, 4]

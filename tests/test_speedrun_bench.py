@@ -146,3 +146,48 @@ def test_gpu_suite_preflight_on_cpu(tmp_path):
     stored = json.loads((out / "preflight.json").read_text())
     assert "tqdm" in stored["missing"] and {c["check"] for c in stored["checks"]} >= {"torch", "triton", "data"}
     assert (out / "suite_preflight.log").read_text().count("MISSING  tqdm") == 1
+
+
+def test_gpu_suite_carries_compile_caches(tmp_path):
+    """A call unpacks the compile cache an earlier call left (COMPILE_CACHE_IN), points
+    TorchInductor and Triton at it, says in every results file that it ran warm, and packs the
+    cache into $OUT for the next call; with no cache it says "cold"; a cache over CACHE_MAX_MB
+    is not brought back (a call carries at most 64 MiB)."""
+    import sys
+    import tarfile
+
+    from train_helpers import make_data
+
+    data = make_data(tmp_path / "data", n_train=64, n_test=32)
+    seed = tmp_path / "seed"
+    (seed / "triton" / "abc").mkdir(parents=True)
+    (seed / "triton" / "abc" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    carried = tmp_path / "compile_cache.tar.gz"
+    with tarfile.open(carried, "w:gz") as tar:
+        tar.add(seed, arcname=".")
+
+    def call(name, **extra):
+        out = tmp_path / name
+        env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"),
+               "RESULTS": str(tmp_path / "res"), "PATH": "/usr/bin:/bin", "PYTHON": sys.executable,
+               "PYTHONPATH": str(REPO), "COMPILE_CACHE_DIR": str(tmp_path / f"cache_{name}"), **extra}
+        r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "preflight"], capture_output=True,
+                           text=True, env=env, timeout=300)
+        return out, r.stdout
+
+    out, log = call("warm", COMPILE_CACHE_IN=str(carried))
+    assert "compile cache: warm: 1 files" in log
+    assert json.loads((out / "preflight.json").read_text())["machine"]["compile_cache"].startswith("warm: 1 files")
+    with tarfile.open(out / "compile_cache.tar.gz") as tar:      # packed again, with what the call added
+        names = tar.getnames()
+    assert "./triton/abc/kernel.cubin" in names
+    assert (tmp_path / "cache_warm" / "triton" / "abc" / "kernel.cubin").is_file()
+
+    out, log = call("cold", COMPILE_CACHE_IN=str(tmp_path / "absent.tar.gz"))
+    assert "compile cache: cold" in log
+    assert json.loads((out / "preflight.json").read_text())["machine"]["compile_cache"] == "cold"
+
+    out, log = call("big", COMPILE_CACHE_IN=str(carried), CACHE_MAX_MB="0")
+    assert "compile cache not packed" in log and not (out / "compile_cache.tar.gz").exists()
+    assert not list(out.glob("*.tmp")) and sorted(p.name for p in out.iterdir()) == ["preflight.json",
+                                                                                      "suite_preflight.log"]
