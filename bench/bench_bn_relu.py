@@ -59,7 +59,7 @@ import triton.testing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastcifar.machine import command_line, device_name, versions  # noqa: E402
+from fastcifar.machine import command_line, device_name, machine_info, versions  # noqa: E402
 from fastcifar.results import device_slug, now_iso, write_result  # noqa: E402
 from kernels import bn_relu  # noqa: E402
 
@@ -308,6 +308,7 @@ def main(argv=None) -> dict:
         "device": name, "dry_run": args.dry_run, "dtype": str(dtype).removeprefix("torch."),
         "memory_format": "channels_last", "batch": batch,
         "versions": versions(), "command": command_line(), "started": now_iso(),
+        "machine": machine_info(device),
         "complete": False, "shape_source": source, "copy_GBps": copy_gbps,
         "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
                        "E = N*C*H*W*itemsize",

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
 
     import fastcifar.models as zoo
     from fastcifar.results import atomic_write_text, device_slug
-    from fastcifar.machine import device_name, versions
+    from fastcifar.machine import device_name, machine_info, versions
 
     with contextlib.ExitStack() as stack:
         if args.dry_run:
@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
         t_start = time.perf_counter()
         result = {
             "kind": "bench_train", "device": device_name(device), "versions": versions(),
+            "machine": machine_info(device),
             "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_train.py", *argv]),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {k: v for k, v in vars(args).items() if k != "out"},
@@ -116,9 +117,17 @@ def main(argv=None) -> dict:
         for model in models:
             for backend in args.backends:
                 over = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
-                rows = ([{"model": model, "bn_backend": backend, "loader": kind, "error": "skipped: --budget-s spent"}
-                         for kind in args.loaders] if over else
-                        bench_model_backend(model, backend, args.loaders, train_beton, device, args))
+                if over:
+                    rows = [{"model": model, "bn_backend": backend, "loader": kind,
+                             "error": "skipped: --budget-s spent"} for kind in args.loaders]
+                else:
+                    # what is running is on record: a process killed inside a configuration
+                    # (compilation can take minutes) leaves a file that names it
+                    result["running"] = {"model": model, "bn_backend": backend,
+                                         "started_s": round(time.perf_counter() - t_start, 1)}
+                    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+                    rows = bench_model_backend(model, backend, args.loaders, train_beton, device, args)
+                    del result["running"]
                 for row in rows:
                     print(format_row(row), flush=True)
                 result["rows"] += rows

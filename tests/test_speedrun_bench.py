@@ -56,6 +56,28 @@ def test_bench_train_budget_skips_and_still_writes(tmp_path):
     assert len(rows) == 2 and all(r["error"] == "skipped: --budget-s spent" for r in rows)
 
 
+def test_bench_train_names_the_configuration_it_is_in(tmp_path, monkeypatch):
+    """A process killed inside a configuration (a long compilation) leaves a file naming it;
+    the finished file has no such entry."""
+    monkeypatch.delenv("FASTCIFAR_COMPILE_CACHE", raising=False)
+    bench = _bench_train()
+    out = tmp_path / "b.json"
+    seen = []
+    real = bench.bench_model_backend
+
+    def spy(model, backend, *a, **kw):
+        seen.append(json.loads(out.read_text()).get("running"))
+        return real(model, backend, *a, **kw)
+
+    monkeypatch.setattr(bench, "bench_model_backend", spy)
+    bench.main(["--dry-run", "--backends", "eager", "compiled", "--loaders", "gpu", "--out", str(out)])
+    assert [(r["model"], r["bn_backend"]) for r in seen] == [("speedrun_net", "eager"), ("speedrun_net", "compiled")]
+    assert seen[0]["started_s"] >= 0
+    stored = json.loads(out.read_text())
+    assert "running" not in stored and len(stored["rows"]) == 2
+    assert stored["machine"]["versions"]["torch"] and "compile_cache" not in stored["machine"]
+
+
 def test_bench_train_unknown_model(tmp_path):
     with pytest.raises(SystemExit, match="unknown model"):
         _bench_train().main(["--dry-run", "--models", "no_such_net", "--out", str(tmp_path / "x.json")])
