@@ -153,6 +153,17 @@ def copy_bandwidth_gbps(device, quick: bool) -> float:
     return 2 * a.numel() * a.element_size() / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device, quick: bool) -> float:
+    """Dense fp16 matrix product of 8192^3 (512^3 fp32 on CPU), random data: the arithmetic
+    ceiling that training throughput (bench_train.py's achieved TFLOP/s) is measured against."""
+    n, dtype = (8192, torch.float16) if HAVE_CUDA else (512, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty(n, n, dtype=dtype, device=device)
+    ms = bench_ms(lambda: torch.mm(a, b, out=c), quick)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def l2_bytes(device) -> int:
     if HAVE_CUDA:
         return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
@@ -300,6 +311,7 @@ def main(argv=None) -> dict:
                             else ROOT / "bench" / "results" / f"bn_relu_{device_slug(name)}.json")
 
     copy_gbps = copy_bandwidth_gbps(device, quick)
+    mm_tflops = matmul_tflops(device, quick)
     impls = {"fused": fused_bn_act, "eager": eager_bn_act,
              "compiled": torch.compile(eager_bn_act, dynamic=False)}
     rows, skipped, train = [], [], {}
@@ -310,6 +322,7 @@ def main(argv=None) -> dict:
         "versions": versions(), "command": command_line(), "started": now_iso(),
         "machine": machine_info(device),
         "complete": False, "shape_source": source, "copy_GBps": copy_gbps,
+        "matmul_TFLOPs": mm_tflops, "matmul": "8192^3 fp16 (512^3 fp32 on CPU), random data",
         "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
                        "E = N*C*H*W*itemsize",
         "shapes": rows, "shapes_skipped_for_time": skipped,
@@ -369,7 +382,7 @@ def main(argv=None) -> dict:
     summary = result["summary"]
 
     print(f"\n{name}  ({'DRY RUN: interpreter timings, meaningless' if args.dry_run else dtype})"
-          f"  copy bandwidth {copy_gbps:.0f} GB/s  -> {out_path}")
+          f"  copy bandwidth {copy_gbps:.0f} GB/s  matmul {mm_tflops:.1f} TFLOP/s  -> {out_path}")
     print(f"{'C':>5} {'HxW':>5} {'res':>3} {'relu':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
           f"{'compiled':>8} {'fused GB/s':>10} {'%copy':>6}")
     def cell(r, key, width, fmt):

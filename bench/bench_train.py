@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
 def bench_model_backend(model_name: str, backend: str, loaders: list[str], train_beton: Path,
                         device: torch.device, args) -> list[dict]:
     """One row per loader for this (model, BN backend); a failure becomes a row's "error"."""
-    from fastcifar.models import create_model, get_recipe
+    from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, create_model, forward_flops, get_recipe
     from fastcifar.step import TrainStep
 
     rows = [{"model": model_name, "bn_backend": backend, "loader": kind} for kind in loaders]
@@ -168,6 +168,9 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
             try:
                 row.update(_measure(step, row["loader"], recipe, batch, train_beton, device, args),
                            params=sum(p.numel() for p in train_step.params), compiled=not args.no_compile)
+                # arithmetic throughput: images/s x ~3 forward passes' FLOPs per image
+                row["train_gflop_per_image"] = TRAIN_FLOPS_PER_FORWARD * forward_flops(model_name) / 1e9
+                row["achieved_tflops"] = row["images_per_s"] * row["train_gflop_per_image"] / 1e3
             except Exception as e:  # recorded, not fatal: the other configurations still run
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -258,7 +261,7 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"{head}  FAILED: {r['error']}"
     mem = f"{r['peak_mem_mib']:8.0f} MiB" if r["peak_mem_mib"] is not None else "       - MiB"
-    return (f"{head}  {r['images_per_s']:10.0f} img/s  step {r['step_ms']:7.2f} ms  "
+    return (f"{head}  {r['images_per_s']:10.0f} img/s  {r['achieved_tflops']:7.2f} TFLOP/s  step {r['step_ms']:7.2f} ms  "
             f"data wait {100 * r['data_wait_share']:5.1f}%  {mem}  warm-up {r['compile_warmup_s']:6.1f} s")
 
 

@@ -517,6 +517,7 @@ def test_bench_bn_relu_keeps_going_and_writes_as_it_goes(monkeypatch, tmp_path):
     bench.main(["--dry-run", "--skip-train-step", "--models", "resnet_2111", "--out", str(out)])
     stored = json.loads(out.read_text())
     assert stored["complete"] and stored["dry_run"]
+    assert stored["copy_GBps"] > 0 and stored["matmul_TFLOPs"] > 0 and stored["machine"]["versions"]["torch"]
     rows = stored["shapes"]
     failed = [r for r in rows if r["C"] == 128]
     assert failed and all(r["fused_error"] == "RuntimeError: out of resources" and "fused_ms" not in r

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from fastcifar.cli import app
 from fastcifar.errors import UserError
-from fastcifar.models import (NormAct, count_params, create_model, get_model_info, get_recipe, list_models,
-                              model_names, set_bn_backend)
+from fastcifar.models import (NormAct, count_params, create_model, forward_flops, get_model_info, get_recipe,
+                              list_models, model_names, set_bn_backend)
 from fastcifar.models.resnet import ResNet
 from fastcifar.recipe import Recipe
 
@@ -144,6 +144,40 @@ def test_param_count_exact(name):
     assert info.params == figure
     if info.published_params is not None:
         assert info.published_params == figure
+
+
+def _hand_counted_flops(model: nn.Module) -> int:
+    """2 x multiply-adds of every convolution and linear layer over one image, from each layer's
+    output shape, input channels per group and kernel: an independent count to check
+    forward_flops against (grouped convolutions included)."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, nn.Conv2d):
+            total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total += 2 * out.numel() * m.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    for h in handles:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_forward_flops_match_a_hand_count(name):
+    flops = forward_flops(name)
+    assert flops == _hand_counted_flops(create_model(name))
+    assert 0.2e9 < flops < 3e9   # CIFAR ResNets under 5M parameters: tenths of a GFLOP to a few
+
+
+def test_forward_flops_follow_model_options():
+    narrow = forward_flops("speedrun_net", widths=[16, 32, 64, 64])       # a list, as --model-opt gives it
+    assert narrow == _hand_counted_flops(create_model("speedrun_net", widths=[16, 32, 64, 64]))
+    assert narrow < forward_flops("speedrun_net") / 3
 
 
 def test_every_report_model_is_counted():
@@ -536,6 +570,7 @@ def test_cli_json():
     for name, (_, figure) in EXPECTED.items():
         assert rows[name]["params"] == figure
         assert rows[name]["params_match_published"] in (True, None)
+        assert rows[name]["forward_flops"] == forward_flops(name)
     assert rows["resnet_2111"]["recipe"]["optimizer"] == "adam"
 
 

@@ -12,6 +12,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from fastcifar.errors import UserError
@@ -99,6 +100,34 @@ def create_model(name: str, bn_backend: str = "eager", **options) -> nn.Module:
 def count_params(model: nn.Module) -> int:
     """Trainable parameters; a tensor shared by several layers counts once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# A training step costs about 3 forward passes per image: the forward, the gradient with respect
+# to each layer's input and the one with respect to its weights, each as many multiply-adds as
+# the forward. The usual convention behind "achieved TFLOP/s" (and what torch's FlopCounterMode
+# would say, but it over-counts the backward of grouped convolutions, as in ResNeXt).
+TRAIN_FLOPS_PER_FORWARD = 3
+
+
+def forward_flops(name: str, **options) -> int:
+    """Floating-point operations of one 32x32 image's forward pass through model ``name`` (built
+    with ``options``): 2 per multiply-add of every convolution and matrix product, as torch's
+    FlopCounterMode counts them (normalisation, activations and pooling are memory-bound and not
+    counted)."""
+    return _forward_flops(name) if not options else _count_forward_flops(create_model(name, **options))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_flops(name: str) -> int:
+    return _count_forward_flops(create_model(name))
+
+
+def _count_forward_flops(model: nn.Module) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    return int(counter.get_total_flops())
 
 
 @functools.lru_cache(maxsize=None)

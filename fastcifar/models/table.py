@@ -7,7 +7,7 @@ import textwrap
 
 import typer
 
-from fastcifar.models.registry import ModelInfo, get_model_info, list_models
+from fastcifar.models.registry import TRAIN_FLOPS_PER_FORWARD, ModelInfo, forward_flops, get_model_info, list_models
 from fastcifar.recipe import Recipe
 
 
@@ -57,11 +57,12 @@ def recipe_summary(r: Recipe, mark_unstated: bool = True) -> str:
 
 
 def table_text(infos: list[ModelInfo]) -> str:
-    header = ("name", "params", "published", "acc %", "report", "report recipe")
+    header = ("name", "params", "published", "GFLOP", "acc %", "report", "report recipe")
     rows = [(i.name, f"{i.params:,}", "-" if i.published_params is None else f"{i.published_params:,}",
-             _acc(i), i.report[:3] or "-", recipe_summary(i.recipe, bool(i.report))) for i in infos]
+             f"{forward_flops(i.name) / 1e9:.2f}", _acc(i), i.report[:3] or "-",
+             recipe_summary(i.recipe, bool(i.report))) for i in infos]
     widths = [max(len(str(row[c])) for row in [header, *rows]) for c in range(len(header))]
-    right = {1, 2, 3}
+    right = {1, 2, 3, 4}
 
     def line(row):
         return "  ".join(str(x).rjust(w) if c in right else str(x).ljust(w)
@@ -69,7 +70,9 @@ def table_text(infos: list[ModelInfo]) -> str:
 
     out = [line(header), line(["-" * w for w in widths]), *map(line, rows), "",
            "params: trainable parameters as built here; published: as the report prints it "
-           "(- where it prints none). '?' marks a recipe value the report does not state.", "",
+           "(- where it prints none). GFLOP: one image's forward pass (2 per multiply-add of the "
+           f"convolutions and linear layers); a training step costs about {TRAIN_FLOPS_PER_FORWARD}x that "
+           "per image. '?' marks a recipe value the report does not state.", "",
            "reports:"]
     seen = {}
     for i in infos:
@@ -102,6 +105,7 @@ def recipe_text(info: ModelInfo) -> str:
 
 def _model_json(i: ModelInfo) -> dict:
     return {"name": i.name, "params": i.params, "published_params": i.published_params,
+            "forward_flops": forward_flops(i.name),
             "params_match_published": None if i.published_params is None else i.params == i.published_params,
             "report": i.report, "title": i.title, "published_acc": i.published_acc,
             "published_acc_text": i.published_acc_text, "notes": i.notes,
