@@ -216,3 +216,55 @@ def test_gpu_suite_carries_compile_caches(tmp_path):
     assert "compile cache not packed" in log and not (out / "compile_cache.tar.gz").exists()
     assert not list(out.glob("*.tmp")) and sorted(p.name for p in out.iterdir()) == ["preflight.json",
                                                                                       "suite_preflight.log"]
+
+
+def test_report_renders_result_files(tmp_path, capsys):
+    """bench/report.py turns real result files (from dry runs here) into Markdown tables naming
+    each file and device; dry runs only when asked; the TFLOP/s share uses the matrix-product
+    rate of a kernel file from the same device; a run stopped inside a configuration says so."""
+    report = _bench("report")
+    results = tmp_path / "results"
+    _bench_train().main(["--dry-run", "--out", str(results / "bench_train.json")])
+    _bench("bench_loaders").main(["--device", "cpu", "--synthetic", "256", "--batch-size", "64", "--skip", "ffcv",
+                                  "torch", "--out", str(results / "loaders.json")])
+    (results / "unrelated.json").write_text(json.dumps({"kind": "speedrun_result"}))
+    (results / "broken.json").write_text("{")
+
+    text = report.report([results], include_dry_run=True)
+    stored = json.loads((results / "bench_train.json").read_text())
+    row = stored["rows"][0]
+    assert "### Training throughput: CPU" in text and "DRY RUN" in text and "bench_train.json" in text
+    assert f"| speedrun_net | eager | {row['loader']} | {row['images_per_s']:,.0f} | {row['achieved_tflops']:.1f} |" in text
+    assert "### Loaders: CPU" in text and "| gpu_resident |" in text
+    assert "speedrun_result" not in text
+
+    # the same figures from a "GPU": no longer a dry run; a kernel file gives the ceiling
+    stored["settings"]["dry_run"] = False
+    stored["device"] = "NVIDIA H100 80GB HBM3"
+    stored["running"] = {"model": "resnet_2111", "bn_backend": "triton", "started_s": 12.5}
+    gpu = tmp_path / "gpu"
+    gpu.mkdir()
+    (gpu / "bench_train.json").write_text(json.dumps(stored))
+    shape = {"C": 64, "H": 32, "W": 32, "residual": True, "relu": True, "count": 4, "fused_ms": 0.1,
+             "fused_GBps": 2400.0, "eager_ms": 0.2, "compiled_ms": 0.15, "fused_frac_of_copy_bw": 0.8}
+    (gpu / "bn.json").write_text(json.dumps({
+        "device": "NVIDIA H100 80GB HBM3", "dry_run": False, "dtype": "float16", "memory_format": "channels_last",
+        "batch": 512, "versions": {"torch": "2.11.0"}, "complete": True, "copy_GBps": 3000.0, "matmul_TFLOPs": 700.0,
+        "shapes": [shape, {**shape, "C": 128, "fused_error": "RuntimeError: boom"}],
+        "summary": {"covers": "2 of 2 shapes", "zoo_weighted_ms": {"fused": 1.0, "eager": 2.0, "compiled": 1.5},
+                    "speedup_vs_eager": 2.0, "speedup_vs_compiled": 1.5, "fused_frac_of_copy_bw": 0.8},
+        "train_step_resnet_2111": {"batch": 512, "triton": {"ms_per_step": 40.0}, "compiled": {"ms_per_step": 44.0},
+                                   "speedup_triton_vs_compiled": 1.1}}))
+    text = report.report([gpu])
+    share = 100 * row["achieved_tflops"] / 700.0
+    assert f"{row['achieved_tflops']:.1f} ({share:.0f}%)" in text and "700 TFLOP/s" in text
+    assert "**Stopped inside** resnet_2111 / triton" in text
+    assert "| 64 | 32×32 | yes | yes | 4 | 0.100 | 0.200 | 0.150 | 2400 | 80% |" in text
+    assert "| 128 | 32×32 | yes | yes | 4 | failed |" in text
+    assert "Triton ×1.50" in text and "×1.10" in text and "DRY RUN" not in text
+
+    assert report.report([results]).count("###") == 1          # dry runs left out: the loaders only
+    assert report.main([str(tmp_path / "absent")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert report.main([str(gpu), "--out", str(tmp_path / "r.md")]) == 0
+    assert (tmp_path / "r.md").read_text() == text
