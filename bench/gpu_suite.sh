@@ -25,6 +25,9 @@
 #   speedrun [MODEL...] `fastcifar speedrun` per model (default: speedrun_net with the baseline,
 #                       then every zoo model without it)                 -> speedrun_results.tar.gz
 #   tune                speedrun_net over EPOCHS_SWEEP, $TUNE_RUNS runs each -> tune_speedrun_net.tar.gz
+#   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
+#                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
+#                                                                        -> profile_step.json, profile_traces.tar.gz
 #   all                 everything above in order (needs far more than one call)
 # Every stage also writes suite_<stage>.log. Files land in $OUT (at most 8 per call). Every tool
 # rewrites its results file after each unit (a shape, a model, a loader, a seed), so a step cut
@@ -55,9 +58,9 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  call1|call2|call3|preflight|env|kernels|loaders|train|calibrate|speedrun|tune|all) ;;
+  call1|call2|call3|preflight|env|kernels|loaders|train|calibrate|speedrun|tune|profile|all) ;;
   *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, kernels, loaders, train," \
-          "calibrate, speedrun, tune or all" >&2; exit 2 ;;
+          "calibrate, speedrun, tune, profile or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
 GPU_DATA=${GPU_DATA:-.gpu/data}
@@ -232,6 +235,15 @@ stage_tune() {
   done
 }
 
+stage_profile() {
+  local models=("$@")
+  [ ${#models[@]} -gt 0 ] || models=(resnet_2111 speedrun_net)
+  local traces; traces=$(mktemp -d /tmp/profile_traces.XXXXXX)
+  step $PY bench/profile_step.py --models "${models[@]}" --backends compiled triton --trace-dir "$traces" \
+    --out "$OUT/profile_step.json"
+  ls "$traces"/*.json.gz >/dev/null 2>&1 && tar czf "$OUT/profile_traces.tar.gz" -C "$traces" .
+}
+
 # --- the three calls --------------------------------------------------------------------------
 stage_call1() {
   gpu_tests 180
@@ -269,6 +281,7 @@ case "$stage" in
   calibrate) need_data; stage_calibrate ;;
   speedrun) need_data; stage_speedrun "$@" ;;
   tune) need_data; stage_tune ;;
+  profile) stage_profile "$@" ;;
   call1) stage_call1 ;;
   call2) need_data; stage_call2 ;;
   call3) need_data; stage_call3 ;;

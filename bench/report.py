@@ -5,7 +5,7 @@
 
 Figures go into documentation only from result files, with their machine named; this script is
 how: each table is copied out of one file and says which, with its device and versions. It knows
-three kinds of file (others are passed over; speedrun and training results are rendered by
+four kinds of file (others are passed over; speedrun and training results are rendered by
 `fastcifar leaderboard`):
 
 * bench_bn_relu.py: fused BN(+add)+ReLU against cuDNN and torch.compile per shape, achieved
@@ -13,7 +13,8 @@ three kinds of file (others are passed over; speedrun and training results are r
   resnet_2111 train step per BN backend;
 * bench_train.py: images/s, achieved TFLOP/s (and its share of the matrix-product rate that a
   bench_bn_relu file of the same device measured), data-wait share, peak memory, warm-up;
-* bench_loaders.py: images/s per loader.
+* bench_loaders.py: images/s per loader;
+* profile_step.py: device time, launches, idle share and kernel groups of a training step.
 
 Dry runs (interpreter timings, meaningless) are left out unless --include-dry-run.
 """
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def kind_of(d: dict) -> str | None:
     if d.get("kind") == "bench_train":
         return "train"
+    if d.get("kind") == "profile_step":
+        return "profile"
     if "shapes" in d and "copy_GBps" in d:
         return "bn_relu"
     if str(d.get("benchmark", "")).startswith("loader throughput"):
@@ -160,6 +163,28 @@ def loaders_section(f: Path, d: dict) -> list[str]:
     return out + _table(["loader", "images/s"], rows)
 
 
+def profile_section(f: Path, d: dict) -> list[str]:
+    m = d.get("machine", {})
+    dev = m.get("device_name") or m.get("gpu") or "?"
+    out = [f"### Where a training step's time goes: {dev}"
+           + (" (DRY RUN: meaningless timings)" if is_dry_run(d) else ""), "",
+           f"`{_rel(f)}` ({_versions(d)}); device ms per step (CUDA events), kernel launches and time per step "
+           f"(torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
+    rows = []
+    for r in d["rows"]:
+        head = [r["model"], r["bn_backend"]]
+        if "error" in r:
+            rows.append(head + [f"failed: {r['error'][:80]}", "", "", "", ""])
+            continue
+        idle = "-" if r.get("device_idle_share") is None else f"{100 * r['device_idle_share']:.0f}%"
+        groups = ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['launches_per_step']:.0f})"
+                           for k, v in r["by_category"].items())
+        rows.append(head + [f"{r['step_ms']:.2f}", f"{r['kernels_per_step']:.0f}", f"{r['kernel_ms_per_step']:.2f}",
+                            idle, groups])
+    return out + _table(["model", "BN backend", "step ms", "launches", "kernel ms", "idle",
+                         "groups: ms per step (launches)"], rows)
+
+
 def report(paths: list[Path], include_dry_run: bool = False) -> str:
     found = [(f, d) for f, d in load(paths) if include_dry_run or not is_dry_run(d)]
     matmul = {_device(d): d["matmul_TFLOPs"] for f, d in found
@@ -171,10 +196,12 @@ def report(paths: list[Path], include_dry_run: bool = False) -> str:
             sections.append(bn_relu_section(f, d))
         elif k == "train":
             sections.append(train_section(f, d, matmul))
+        elif k == "profile":
+            sections.append(profile_section(f, d))
         else:
             sections.append(loaders_section(f, d))
     if not sections:
-        return "no bench_bn_relu, bench_train or bench_loaders result files found\n"
+        return "no bench_bn_relu, bench_train, bench_loaders or profile_step result files found\n"
     return "\n\n".join("\n".join(s) for s in sections) + "\n"
 
 

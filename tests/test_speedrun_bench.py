@@ -268,3 +268,41 @@ def test_report_renders_result_files(tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
     assert report.main([str(gpu), "--out", str(tmp_path / "r.md")]) == 0
     assert (tmp_path / "r.md").read_text() == text
+
+
+def test_profile_step_dry_run(tmp_path):
+    """bench/profile_step.py on the CPU: per configuration, the profiled ops grouped so that the
+    categories add up to the total, the top kernels in order, a Chrome trace, and the file
+    rewritten after each configuration; kernel names of a GPU step land in the right group."""
+    prof = _bench("profile_step")
+    out = tmp_path / "p.json"
+    result = prof.main(["--dry-run", "--models", "speedrun_net", "--backends", "eager", "compiled",
+                        "--trace-dir", str(tmp_path / "traces"), "--out", str(out)])
+    stored = json.loads(out.read_text())
+    assert stored["kind"] == "profile_step" and stored["dry_run"] and stored["machine"]["versions"]["torch"]
+    assert [(r["model"], r["bn_backend"]) for r in stored["rows"]] == [("speedrun_net", "eager"),
+                                                                      ("speedrun_net", "compiled")]
+    for r in stored["rows"]:
+        assert "error" not in r, r
+        cats = r["by_category"]
+        assert sum(c["ms_per_step"] for c in cats.values()) == pytest.approx(r["kernel_ms_per_step"])
+        assert sum(c["launches_per_step"] for c in cats.values()) == pytest.approx(r["kernels_per_step"])
+        assert cats["convolution"]["ms_per_step"] > 0          # the convolutions are found by name
+        times = [k["ms_per_step"] for k in r["top_kernels"]]
+        assert times == sorted(times, reverse=True) and 0 < len(times) <= 15
+        assert r["step_ms"] > 0 and r["images_per_s"] > 0 and r["device_idle_share"] is None
+        assert Path(r["trace"]).stat().st_size > 0
+    assert stored["rows"] == json.loads(json.dumps(result["rows"]))
+    text = _bench("report").report([out], include_dry_run=True)
+    conv = stored["rows"][0]["by_category"]["convolution"]
+    assert "### Where a training step's time goes: CPU" in text and "| speedrun_net | compiled |" in text
+    assert f"convolution {conv['ms_per_step']:.2f} ms ({conv['launches_per_step']:.0f})" in text
+
+    assert prof.category("fwd_stats_kernel") == "bn_triton" and prof.category("bwd_dx_kernel") == "bn_triton"
+    assert prof.category("triton_per_fused__native_batch_norm_legit_functional_0") == "inductor"
+    assert prof.category("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert prof.category("void at::native::(anonymous namespace)::multi_tensor_apply_kernel") == "optimizer"
+    assert prof.category("Memcpy DtoD (Device -> Device)") == "memory"
+    assert prof.category("void at::native::vectorized_elementwise_kernel<4>") == "other"
+    with pytest.raises(SystemExit, match="unknown model"):
+        prof.main(["--dry-run", "--models", "nope", "--out", str(tmp_path / "x.json")])
