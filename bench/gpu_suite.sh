@@ -175,7 +175,13 @@ EOF
 }
 
 gpu_tests() {  # $1: time limit
-  step --max "$1" $PY -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" $GPU_TESTS
+  # -v: each test's outcome reaches the log as it ends (the junit file is written only at the end,
+  # so a run stopped by its limit would otherwise leave nothing); a per-test limit where the
+  # pytest-timeout plugin is installed, so one hanging test cannot take the whole step
+  local per_test=()
+  $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_S:-120}")
+  step --max "$1" $PY -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
+    --junitxml="$OUT/pytest_gpu.xml" $GPU_TESTS
 }
 
 bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per BN backend
