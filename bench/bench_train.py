@@ -140,25 +140,14 @@ def main(argv=None) -> dict:
 def bench_model_backend(model_name: str, backend: str, loaders: list[str], train_beton: Path,
                         device: torch.device, args) -> list[dict]:
     """One row per loader for this (model, BN backend); a failure becomes a row's "error"."""
-    from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, create_model, forward_flops, get_recipe
-    from fastcifar.step import TrainStep
+    from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, forward_flops
+    from fastcifar.step import benchmark_step
 
     rows = [{"model": model_name, "bn_backend": backend, "loader": kind} for kind in loaders]
     gpu = device.type == "cuda"
     try:
-        recipe = get_recipe(model_name, "fast")
-        batch = args.batch_size or recipe.batch_size
-        if batch != recipe.batch_size:
-            recipe, _ = recipe.for_batch_size(batch)
-        torch.manual_seed(0)
-        if gpu:
-            torch.backends.cudnn.benchmark = True
-        model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
-        net = model if args.no_compile else torch.compile(model)
-        # the lr schedule only needs a length; a nominal 50,000-image epoch
-        per_epoch = max(50_000 // batch, 1)
-        train_step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch,
-                               recipe.epochs * per_epoch)
+        train_step, recipe, batch = benchmark_step(model_name, backend, device, args.batch_size,
+                                                   compile=not args.no_compile)
         count = iter(range(10**12))
 
         def step(images, labels):

@@ -106,20 +106,10 @@ def summarize_events(averages, n_steps: int, gpu: bool, top: int) -> dict:
 def profile_one(model_name: str, backend: str, device: torch.device, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from fastcifar.models import create_model, get_recipe
-    from fastcifar.step import TrainStep
+    from fastcifar.step import benchmark_step
 
     gpu = device.type == "cuda"
-    recipe = get_recipe(model_name, "fast")
-    batch = args.batch_size or recipe.batch_size
-    if batch != recipe.batch_size:
-        recipe, _ = recipe.for_batch_size(batch)
-    torch.manual_seed(0)
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    model = create_model(model_name, bn_backend=backend).to(device, memory_format=torch.channels_last)
-    net = model if args.no_compile else torch.compile(model)
-    step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, 100, 100 * recipe.epochs)
+    step, _, batch = benchmark_step(model_name, backend, device, args.batch_size, compile=not args.no_compile)
     images = torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float16 if gpu else torch.float32)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)

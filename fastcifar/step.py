@@ -101,3 +101,27 @@ class TrainStep:
             self.lookahead.load_state_dict(state["lookahead"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
+
+
+def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch_size: int | None = None,
+                   compile: bool = True) -> tuple[TrainStep, object, int]:
+    """A zoo model's `fast`-recipe step as the benchmarks (bench_train.py, profile_step.py) time
+    it: channels-last on ``device``, fp16 on a GPU and fp32 on the CPU, compiled unless told not
+    to, seeded, cuDNN autotuning on; the recipe rescaled if ``batch_size`` differs from its own;
+    the schedule over nominal 50,000-image epochs (a step's cost does not depend on it).
+    Returns (step, recipe, batch size)."""
+    from fastcifar.models import create_model, get_recipe
+
+    gpu = device.type == "cuda"
+    recipe = get_recipe(model_name, "fast")
+    batch = batch_size or recipe.batch_size
+    if batch != recipe.batch_size:
+        recipe, _ = recipe.for_batch_size(batch)
+    torch.manual_seed(0)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    model = create_model(model_name, bn_backend=bn_backend).to(device, memory_format=torch.channels_last)
+    net = torch.compile(model) if compile else model
+    per_epoch = max(50_000 // batch, 1)
+    step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch, recipe.epochs * per_epoch)
+    return step, recipe, batch
