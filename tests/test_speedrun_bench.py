@@ -306,3 +306,17 @@ def test_profile_step_dry_run(tmp_path):
     assert prof.category("void at::native::vectorized_elementwise_kernel<4>") == "other"
     with pytest.raises(SystemExit, match="unknown model"):
         prof.main(["--dry-run", "--models", "nope", "--out", str(tmp_path / "x.json")])
+
+
+def test_airbench_on_cpu_without_airbench(tmp_path, capsys):
+    """bench/airbench_on_cpu.py refuses in one line, writing nothing, where airbench is missing."""
+    try:
+        import airbench  # noqa: F401
+        pytest.skip("airbench is installed here")
+    except ImportError:
+        pass
+    script = _bench("airbench_on_cpu")
+    assert script.main(["--out", str(tmp_path / "a.json")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "airbench==0.1.8" in err and "\n" not in err
+    assert not (tmp_path / "a.json").exists()
