@@ -41,7 +41,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy
 import torch
+import triton
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
@@ -203,20 +205,17 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str
     return None
 
 
+# decided once, like INTERPRET: the versions do not change while the process runs
+INTERPRETER_PROBLEM = interpreter_problem(triton.__version__, numpy.__version__) if INTERPRET else None
+
+
 def _check_device(x: Tensor) -> None:
     if not (x.is_cuda or INTERPRET):
         raise RuntimeError(
             "bn_relu runs Triton kernels: give it CUDA tensors, or set TRITON_INTERPRET=1 "
             "before importing triton to run them on CPU (slow; meant for tests)")
-    if INTERPRET and _interpreter_problem_here():
-        raise RuntimeError(_interpreter_problem_here())
-
-
-@functools.lru_cache(maxsize=None)
-def _interpreter_problem_here() -> Optional[str]:
-    import numpy
-    import triton
-    return interpreter_problem(triton.__version__, numpy.__version__)
+    if INTERPRETER_PROBLEM:
+        raise RuntimeError(INTERPRETER_PROBLEM)
 
 
 # ----------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def test_interpreter_version_check(triton_v, numpy_v, refused):
 
 @pytest.mark.skipif(not impl.INTERPRET, reason="the check guards interpreter runs only")
 def test_interpreter_problem_is_one_clear_error(monkeypatch):
-    monkeypatch.setattr(impl, "_interpreter_problem_here", lambda: "Triton 3.6.0's interpreter ...")
+    monkeypatch.setattr(impl, "INTERPRETER_PROBLEM", "Triton 3.6.0's interpreter ...")
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
         bn_relu(x, torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4), True)
