@@ -177,6 +177,7 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
 def _measure(step, loader_kind, recipe, batch, train_beton, device, args) -> dict:
     """Warm-up, throughput and data-wait phases of one loader with an already built step."""
     from beton_data import AugConfig, make_loader
+    from fastcifar.machine import sync
 
     gpu = device.type == "cuda"
     if gpu:
@@ -186,30 +187,29 @@ def _measure(step, loader_kind, recipe, batch, train_beton, device, args) -> dic
     if len(loader) == 0:
         raise ValueError(f"{train_beton} holds fewer images than one batch of {batch}")
     batches = endless(loader)
-    sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
 
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup_steps):
         step(*next(batches))
-    sync()
+    sync(device)
     warmup_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step(*next(batches))
-    sync()
+    sync(device)
     elapsed = time.perf_counter() - t0
 
     wait, total = [], []
     for _ in range(args.wait_steps):
-        sync()
+        sync(device)
         t0 = time.perf_counter()
         images, labels = next(batches)
-        sync()
+        sync(device)
         t1 = time.perf_counter()
         step(images, labels)
-        sync()
+        sync(device)
         t2 = time.perf_counter()
         wait.append(t1 - t0)
         total.append(t2 - t0)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fastcifar.machine import machine_info  # noqa: E402
+from fastcifar.machine import machine_info, sync  # noqa: E402
 
 # Kernel names -> what they do (first match wins). The fused BN kernels are kernels/bn_kernels.py's.
 CATEGORIES = (
@@ -113,14 +113,13 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
     images = torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float16 if gpu else torch.float32)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
-    sync = (lambda: torch.cuda.synchronize(device)) if gpu else (lambda: None)
     counter = iter(range(10**9))
 
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step(images, labels, next(counter))
-    sync()
+    sync(device)
     warmup_s = time.perf_counter() - t0
 
     if gpu:   # device time per step, without the profiler's own overhead
@@ -129,7 +128,7 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
         for _ in range(args.steps):
             step(images, labels, next(counter))
         end.record()
-        sync()
+        sync(device)
         step_ms = start.elapsed_time(end) / args.steps
     else:
         t0 = time.perf_counter()
@@ -138,12 +137,12 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
         step_ms = 1000 * (time.perf_counter() - t0) / args.steps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(args.profile_steps):
             step(images, labels, next(counter))
-        sync()
+        sync(device)
     host_ms = 1000 * (time.perf_counter() - t0) / args.profile_steps
     row = {"model": model_name, "bn_backend": backend, "batch_size": batch, "compiled": not args.no_compile,
            "warmup_s": warmup_s, "step_ms": step_ms, "images_per_s": batch / step_ms * 1000,

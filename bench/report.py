@@ -75,7 +75,8 @@ def _versions(d: dict) -> str:
 
 
 def _device(d: dict) -> str:
-    return d.get("device") or d.get("machine", {}).get("device_name") or d.get("machine", {}).get("gpu") or "?"
+    m = d.get("machine", {})
+    return d.get("device") or m.get("device_name") or m.get("gpu") or m.get("cpu_model") or "?"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -154,8 +155,7 @@ def train_section(f: Path, d: dict, matmul: dict[str, float]) -> list[str]:
 
 
 def loaders_section(f: Path, d: dict) -> list[str]:
-    m = d.get("machine", {})
-    out = [f"### Loaders: {m.get('device_name') or m.get('gpu') or m.get('cpu_model', '?')}", "",
+    out = [_title("Loaders", d), "",
            f"`{_rel(f)}` ({_versions(d)}); batch {d['batch_size']}, {d['dtype']}, median of "
            f"{d['timed_epochs']} full epochs after a warm-up", ""]
     rows = [[name, "failed: " + r["error"][:80] if "error" in r else f"{r['images_per_s_median']:,}"]
@@ -164,10 +164,7 @@ def loaders_section(f: Path, d: dict) -> list[str]:
 
 
 def profile_section(f: Path, d: dict) -> list[str]:
-    m = d.get("machine", {})
-    dev = m.get("device_name") or m.get("gpu") or "?"
-    out = [f"### Where a training step's time goes: {dev}"
-           + (" (DRY RUN: meaningless timings)" if is_dry_run(d) else ""), "",
+    out = [_title("Where a training step's time goes", d), "",
            f"`{_rel(f)}` ({_versions(d)}); device ms per step (CUDA events), kernel launches and time per step "
            f"(torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
     rows = []
