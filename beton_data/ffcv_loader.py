@@ -50,9 +50,9 @@ def _kernel(fn):
 # ---- per-image kernels (batch of uint8 [B,32,32,3]) -------------------------------------------
 
 @_kernel
-def flip_kernel(images, dst, indices, key):
+def flip_kernel(images, dst, indices, key, invert):
     for i in numba.prange(images.shape[0]):
-        if _uniform(key, np.int64(indices[i]), 2) == 1:
+        if (_uniform(key, np.int64(indices[i]), 2) ^ invert) == 1:
             dst[i] = images[i, :, ::-1]
         else:
             dst[i] = images[i]
@@ -112,11 +112,16 @@ class HashedOp(Operation):
 
 
 class RandomFlip(HashedOp):
-    """Mirror left-right with probability 1/2."""
+    """Mirror left-right with probability 1/2 (alternate: coin of epoch 0, inverted in odd epochs)."""
+
+    def __init__(self, seed: int, alternate: bool = False):
+        super().__init__(seed)
+        self.alternate = bool(alternate)
 
     def generate_code(self) -> Callable:
         def flip(images, dst, indices):
-            return flip_kernel(images, dst, indices, self.key(A.STREAM_FLIP))
+            key, invert = A.flip_key(self.seed, self.epoch, self.alternate)
+            return flip_kernel(images, dst, indices, key, invert)
         flip.with_indices = True
         return flip
 
@@ -159,7 +164,7 @@ def augmentation_ops(aug: AugConfig, seed: int) -> list[HashedOp]:
     """The pipeline's augmentation steps, in the order augment.py defines."""
     ops: list[HashedOp] = []
     if aug.flip:
-        ops.append(RandomFlip(seed))
+        ops.append(RandomFlip(seed, aug.alternate_flip))
     if aug.translate:
         ops.append(RandomTranslate(seed, aug.translate, aug.pad_mode))
     if aug.cutout:

@@ -55,6 +55,7 @@ class Recipe:
 
     # augmentation (training split only)
     flip: bool = True
+    alternate_flip: bool = False         # flip each image in every other epoch (beton_data/augment.py)
     translate: int = 4                   # random crop with this much padding, pixels
     cutout: int = 0                      # square side in pixels; 0 = off
 

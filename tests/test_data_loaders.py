@@ -172,6 +172,30 @@ def test_augmentation_statistics(kind, coord_beton):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_alternating_flip_mirrors_each_image_every_other_epoch(kind, coord_beton):
+    alt = AugConfig(flip=True, translate=0, cutout=0, alternate_flip=True)
+    ld = loader(kind, coord_beton, batch_size=100, train=True, aug=alt, seed=3)
+    seen = {}
+    for epoch in range(4):
+        images, idx = cat(epoch_batches(ld, epoch))
+        f = decode_coords(to_uint8(images), 0)[0]
+        np.testing.assert_array_equal(f, draws(3, epoch, idx.numpy(), alt)["flip"])   # pixels = draws
+        seen[epoch] = dict(zip(idx.tolist(), f.tolist()))
+    common = set.intersection(*(set(d) for d in seen.values()))
+    assert len(common) > N // 2
+    coin = np.array([seen[0][i] for i in sorted(common)])
+    assert abs(coin.mean() - 0.5) < 0.1                          # epoch 0 is a fair coin ...
+    for epoch in (1, 2, 3):                                        # ... inverted in odd epochs only
+        later = np.array([seen[epoch][i] for i in sorted(common)])
+        np.testing.assert_array_equal(later, coin ^ (epoch & 1))
+    # independent coins do not alternate: a quarter of the images keep one view over two epochs
+    ind = AugConfig(flip=True, translate=0, cutout=0)
+    a, b = (draws(3, e, np.arange(N), ind)["flip"] for e in (0, 1))
+    assert 0.15 < np.mean(a == b) < 0.85
+    assert alt.describe() == "alternating flip"
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_padding_modes(kind, coord_beton):
     p = 4
     for mode in ("zeros", "reflect"):
