@@ -76,6 +76,7 @@ TUNE_RUNS=${TUNE_RUNS:-3}
 EPOCHS_SWEEP=${EPOCHS_SWEEP:-"8 10 12 14"}
 TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
 EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe overrides for speedrun and tune
+NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net model options (speedrun, tune)
 GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 PY=${PYTHON:-python3}
@@ -141,6 +142,8 @@ pack_cache() {
 FC="$PY -m fastcifar.cli"
 SETS=()
 for kv in $EXTRA_SET; do SETS+=(--set "$kv"); done
+NET_OPTS=()
+for kv in $NET_OPT; do NET_OPTS+=(--model-opt "$kv"); done
 NPZ=()
 [ -f "$ORIG_NPZ" ] && NPZ=(--original-npz "$ORIG_NPZ")
 zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
@@ -212,7 +215,7 @@ stage_calibrate() {
 
 speedrun_one() {  # MODEL OUT_FILE: with the baseline for speedrun_net, without for zoo models
   local m=$1 f=$2 extra=(--no-baseline --runs "$ZOO_RUNS")
-  [ "$m" = speedrun_net ] && extra=(--baseline --runs "$SPEEDRUN_RUNS")
+  [ "$m" = speedrun_net ] && extra=(--baseline --runs "$SPEEDRUN_RUNS" "${NET_OPTS[@]}")
   step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
 }
 
@@ -234,7 +237,7 @@ stage_tune() {
   mkdir -p "$RESULTS/tune"
   for e in $EPOCHS_SWEEP; do
     local f="$RESULTS/tune/speedrun_net_e${e}.json"
-    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" --set "epochs=$e" \
+    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" --set "epochs=$e" \
       --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"

@@ -126,18 +126,24 @@ RECIPE_OPTIONS = {
 }
 
 
+def _model_options(pairs: list[str]) -> dict:
+    """--model-opt KEY=VALUE pairs as create_model() keywords (JSON values, else strings)."""
+    options = {}
+    for key, value in _pairs(pairs, "--model-opt").items():
+        try:
+            options[key] = json.loads(value)
+        except ValueError:
+            options[key] = value
+    return options
+
+
 def _train(**values):
     from fastcifar.config import TrainConfig
     from fastcifar.train import train as run
 
     overrides = {k: v for k in RECIPE_OPTIONS if (v := values.pop(k)) is not None}
     overrides.update(_pairs(values.pop("set_"), "--set", "FIELD=VALUE"))
-    options = {}
-    for key, value in _pairs(values.pop("model_opt"), "--model-opt").items():
-        try:
-            options[key] = json.loads(value)
-        except ValueError:
-            options[key] = value
+    options = _model_options(values.pop("model_opt"))
     try:
         summary = run(TrainConfig(**values, overrides=overrides, model_options=options))
     except KeyboardInterrupt as e:  # a second Ctrl-C: stopped at once, the last checkpoint stays
@@ -230,6 +236,8 @@ def speedrun(
     seed: int = typer.Option(0, "--seed", help="Seed of the first timed run."),
     set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
                                    help="Override a field of the fast recipe, e.g. --set epochs=10 (repeatable)."),
+    model_opt: list[str] = typer.Option([], "--model-opt", metavar="KEY=VALUE",
+                                        help="Model builder option, e.g. --model-opt stem=whiten (repeatable; JSON values)."),
     original_npz: Optional[Path] = typer.Option(None, "--original-npz", metavar="NPZ",
                                                 help="Also score every trained model on these images (an .npz of uint8 "
                                                      "'images' [N,32,32,3] and 'labels'), e.g. original CIFAR-10 test images."),
@@ -246,7 +254,7 @@ def speedrun(
 
     overrides = _pairs(set_, "--set", "FIELD=VALUE")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
-        overrides=overrides, original_npz=original_npz, loader=loader, bn_backend=bn_backend, margin=margin / 100)
+        overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader, bn_backend=bn_backend, margin=margin / 100)
 
 
 @app.command()

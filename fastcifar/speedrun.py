@@ -49,7 +49,8 @@ class _Interrupted(Exception):
 
 def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              data: Optional[Path] = None, out: Optional[Path] = None, device: str = "auto",
-             seed: int = 0, overrides: Optional[dict] = None, original_npz: Optional[Path] = None,
+             seed: int = 0, overrides: Optional[dict] = None, model_options: Optional[dict] = None,
+             original_npz: Optional[Path] = None,
              loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
              margin: float = ACCURACY_MARGIN) -> dict:
     """Run the speedrun; returns the result written to ``out``."""
@@ -68,6 +69,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         recipe = recipe.replace(**(overrides or {}))
     except (ValueError, TypeError) as e:
         raise UserError(f"bad override: {e}") from None
+    model_options = dict(model_options or {})
+    _check_model_options(model, model_options)
     device = resolve_device(device)
     if original_npz is not None:
         load_npz(original_npz)  # fail now on a bad file, not after the runs
@@ -86,7 +89,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
 
     result = {
         "kind": "speedrun_result", "id": uuid.uuid4().hex, "model": model, "recipe": "fast",
-        "recipe_fields": recipe.to_dict(), "overrides": dict(overrides or {}),
+        "recipe_fields": recipe.to_dict(), "overrides": dict(overrides or {}), "model_options": model_options,
         "data": data_files.name, "data_sha256": data_files.identity, "data_dir": str(data),
         "command": command_line(), "date": now_iso(), "seeds": list(range(seed, seed + runs)),
         "loader": loader, "accuracy_margin": margin, "status": "running", "runs": [], "baseline": None,
@@ -100,8 +103,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         npz_beton = _npz_as_beton(original_npz, work) if original_npz is not None else None
 
         def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
-            summary = _train_once(model, overrides, data, work / name, device, run_seed, loader,
-                                  bn_backend, compile)
+            summary = _train_once(model, overrides, model_options, data, work / name, device, run_seed,
+                                  loader, bn_backend, compile)
             t = summary.times
             r = {"seed": run_seed, "accuracy": summary.final_acc,
                  "time_s": t["train_s"] + t["eval_s"], "train_s": t["train_s"], "eval_s": t["eval_s"],
@@ -125,7 +128,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         result.update(warmup=warm, device=summary.device, versions=summary.versions,
                       machine=machine_info(device), params=summary.params, precision=summary.precision,
                       bn_backend=summary.bn_backend, compile=summary.compile,
-                      settings=settings_of(recipe.to_dict(), {}, precision=summary.precision,
+                      settings=settings_of(recipe.to_dict(), model_options, precision=summary.precision,
                                            world_size=summary.world_size, bn_backend=summary.bn_backend,
                                            loader=loader, compile=summary.compile))
         rec.save()
@@ -233,12 +236,24 @@ class _Recorder:
 # -----------------------------------------------------------------------------
 # one run of ours
 
-def _train_once(model, overrides, data, run_dir, device, seed, loader, bn_backend, compile) -> "RunSummary":
+def _check_model_options(model: str, options: dict) -> None:
+    """Fail before the first (long) run on options the model's builder refuses."""
+    from fastcifar.models import create_model
+
+    try:
+        create_model(model, **options)
+    except TypeError as e:
+        raise UserError(f"bad --model-opt for {model}: {e}") from None
+
+
+def _train_once(model, overrides, model_options, data, run_dir, device, seed, loader, bn_backend,
+                compile) -> "RunSummary":
     from fastcifar.train import TrainConfig, train
 
     # timed runs: evaluate after the last epoch only, and write nothing but the final result
     # (no per-epoch checkpoints, TensorBoard events or plots)
-    cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}), data=str(data),
+    cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}),
+                      model_options=dict(model_options or {}), data=str(data),
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
                       compile=compile, eval_every=10**9, progress=False, tensorboard=False,
                       epoch_checkpoints=False, plots=False)

@@ -3,6 +3,9 @@
 A run may take several sessions: interrupted, killed, resumed. Each session adds
 
     setup_s        imports, reading the data into memory, building the model
+    init_s         a model's data-dependent initialisation (e.g. speedrun_net's whitening
+                   stem, computed from training images): part of training, as a baseline
+                   that does the same inside its timer counts it
     steps_s        every training step (GPU-synchronised at both ends of each timed stretch)
     compile_s      an estimate of the part of steps_s that was compilation and warm-up:
                    the first WARMUP_STEPS steps of a process include torch.compile, cuDNN
@@ -16,8 +19,8 @@ A run may take several sessions: interrupted, killed, resumed. Each session adds
 
 and the run's figures are sums over sessions:
 
-    train_s = steps_s - compile_s           pure training, the figure speeds are quoted in
-    wall_s  = setup_s + steps_s + eval_s + checkpoint_s + other_s
+    train_s = init_s + steps_s - compile_s   pure training, the figure speeds are quoted in
+    wall_s  = setup_s + init_s + steps_s + eval_s + checkpoint_s + other_s
 
 The totals go into every checkpoint (`state()`), so a session that is killed loses only the
 time since its last checkpoint -- exactly the work the next session redoes from that
@@ -35,7 +38,7 @@ import numpy as np
 
 WARMUP_STEPS = 5     # first steps of a process, timed apart: they include compilation
 
-PARTS = ("setup_s", "steps_s", "compile_s", "eval_s", "eval_compile_s", "checkpoint_s", "wall_s")
+PARTS = ("setup_s", "init_s", "steps_s", "compile_s", "eval_s", "eval_compile_s", "checkpoint_s", "wall_s")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class _Session:
     warmup_s: Optional[float] = None       # time of the first WARMUP_STEPS steps, once known
     evals: list = field(default_factory=list)
     setup_s: float = 0.0
+    init_s: float = 0.0
     checkpoint_s: float = 0.0
 
 
@@ -62,8 +66,12 @@ class Clock:
 
     # --- recording (called by the training loop) ------------------------------------------
 
+    def data_init(self, seconds: float) -> None:
+        """The model's data-dependent initialisation took ``seconds`` (during set-up)."""
+        self.now.init_s += seconds
+
     def setup_done(self) -> None:
-        self.now.setup_s = time.perf_counter() - self.t0
+        self.now.setup_s = time.perf_counter() - self.t0 - self.now.init_s
 
     def steps(self, seconds: float, n: int) -> None:
         """A synchronised stretch of ``n`` training steps took ``seconds``."""
@@ -94,7 +102,7 @@ class Clock:
             compile_s = max(s.warmup_s - WARMUP_STEPS * steady, 0.0)
         evals = s.evals
         eval_compile = max(evals[0] - float(np.median(evals[1:])), 0.0) if len(evals) >= 2 else 0.0
-        return {"setup_s": s.setup_s, "steps_s": s.steps_s, "compile_s": compile_s,
+        return {"setup_s": s.setup_s, "init_s": s.init_s, "steps_s": s.steps_s, "compile_s": compile_s,
                 "eval_s": float(sum(evals)), "eval_compile_s": eval_compile,
                 "checkpoint_s": s.checkpoint_s, "wall_s": time.perf_counter() - self.t0}
 
@@ -106,17 +114,19 @@ class Clock:
     def train_s(self) -> float:
         """Pure training time so far, over all sessions."""
         t = self.state()
-        return t["steps_s"] - t["compile_s"]
+        return t["init_s"] + t["steps_s"] - t["compile_s"]
 
     def totals(self) -> dict:
         """The figures a summary reports (see the module docstring)."""
         t = self.state()
         return {"wall_s": t["wall_s"],
-                "train_s": t["steps_s"] - t["compile_s"],
+                "train_s": t["init_s"] + t["steps_s"] - t["compile_s"],
                 "compile_warmup_s": t["compile_s"],
-                "train_incl_warmup_s": t["steps_s"],
+                "train_incl_warmup_s": t["init_s"] + t["steps_s"],
+                "init_s": t["init_s"],
                 "eval_s": t["eval_s"],
                 "eval_warmup_s": t["eval_compile_s"],
                 "checkpoint_s": t["checkpoint_s"],
                 "setup_s": t["setup_s"],
-                "other_s": t["wall_s"] - t["steps_s"] - t["eval_s"] - t["checkpoint_s"] - t["setup_s"]}
+                "other_s": (t["wall_s"] - t["init_s"] - t["steps_s"] - t["eval_s"] - t["checkpoint_s"]
+                            - t["setup_s"])}

@@ -176,6 +176,8 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
         torch.backends.cudnn.benchmark = True
     model, net = _model(cfg, len(classes), info, device)
     train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
+    if ckpt is None:   # resumed: the checkpoint holds the initialised weights
+        _init_from_data(model, data, train_loader, device, clock)
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         raise UserError(f"batch size {recipe.batch_size} is larger than the training set "
@@ -231,6 +233,32 @@ def _model(cfg: TrainConfig, num_classes: int, info: dist.DistInfo, device: torc
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
     return model, net
+
+
+INIT_IMAGES = 5000   # training images a model's data-dependent initialisation sees
+
+
+def _init_from_data(model, data: DataFiles, train_loader, device: torch.device, clock: Clock) -> None:
+    """Models with an `init_from_data(images)` method (e.g. speedrun_net's whitening stem) get
+    the first INIT_IMAGES training images, normalised and not augmented, before the first step
+    (and before the EMA copy is made). Every rank reads the same images, so DDP ranks agree.
+    The time counts as training time (Clock.data_init)."""
+    init = getattr(model, "init_from_data", None)
+    if init is None:
+        return
+    from beton_data import read_beton
+    from beton_data.augment import normalize
+
+    sync(device)
+    t0 = time.perf_counter()
+    pixels = getattr(train_loader, "pixels", None)     # the GPU loader holds the split on the device
+    if pixels is not None:
+        images = pixels.view(-1, 32, 32, 3)[:INIT_IMAGES]
+    else:
+        images = torch.from_numpy(read_beton(data.paths["train"])[0][:INIT_IMAGES]).to(device)
+    init(normalize(images, torch.float32))
+    sync(device)
+    clock.data_init(time.perf_counter() - t0)
 
 
 def _loaders(cfg: TrainConfig, recipe: Recipe, data: DataFiles, info: dist.DistInfo, device: torch.device):

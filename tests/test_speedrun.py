@@ -93,10 +93,24 @@ def test_timed_runs_write_only_their_final_result(tiny, tmp_path, monkeypatch):
     made = []
     real_train = T.train
     monkeypatch.setattr(T, "train", lambda cfg: made.append(cfg) or real_train(cfg))
-    speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
-             device="cpu", overrides={"epochs": "2", "batch_size": "32"})
+    result = speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                      device="cpu", overrides={"epochs": "2", "batch_size": "32"}, model_options={"stem": "whiten"})
     assert calls == {"save": 2, "plot": 0, "eval": 2}       # warm-up run + 1 timed run
     assert all(cfg.tensorboard is False and not cfg.epoch_checkpoints and not cfg.plots for cfg in made)
+    # model options reach every run and are part of the result's settings
+    assert [cfg.model_options for cfg in made] == [{"stem": "whiten"}] * 2
+    assert result["model_options"] == {"stem": "whiten"} and result["settings"]["model:stem"] == "whiten"
+
+
+def test_bad_model_option_fails_before_any_run(tiny, tmp_path, monkeypatch):
+    import fastcifar.train as T
+
+    monkeypatch.setattr(T, "train", lambda cfg: pytest.fail("a run started"))
+    for options, message in (({"stem": "pca"}, "unknown stem 'pca'"), ({"depth": 3}, "has no option depth")):
+        with pytest.raises(UserError, match=message):
+            speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                     device="cpu", model_options=options)
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_report_lines_with_baseline():
@@ -283,7 +297,7 @@ def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=l
     under test); before each timed run, note how many runs the result file already holds."""
     import fastcifar.speedrun as sr
 
-    def fake(model, overrides, data, run_dir, device, seed, *rest):
+    def fake(model, overrides, model_options, data, run_dir, device, seed, *rest):
         if seen is not None and seed < 10_000:
             seen.append(len(json.loads(out.read_text())["runs"]) if out.exists() else None)
         if seed in fail_seeds:
@@ -422,3 +436,19 @@ def test_unwritable_out_is_one_line_before_any_run(tiny, tmp_path, monkeypatch, 
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.startswith("error: speedrun --out") and "is a file, not a folder" in err
+
+
+def test_cli_passes_model_options_and_overrides(monkeypatch):
+    from typer.testing import CliRunner
+
+    import fastcifar.speedrun as sr
+    from fastcifar.cli import app
+
+    got = {}
+    monkeypatch.setattr(sr, "speedrun", lambda **kw: got.update(kw))
+    r = CliRunner().invoke(app, ["speedrun", "--no-baseline", "--runs", "1", "--device", "cpu",
+                                 "--model-opt", "stem=whiten", "--model-opt", "widths=[8,16,16,16]",
+                                 "--set", "alternate_flip=true"])
+    assert r.exit_code == 0, r.output
+    assert got["model_options"] == {"stem": "whiten", "widths": [8, 16, 16, 16]}
+    assert got["overrides"] == {"alternate_flip": "true"}

@@ -1,6 +1,7 @@
 """speedrun_net: exact size, forward/backward, frozen BN scales, and the pooling trick it relies on."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,70 @@ def test_forward_is_the_documented_layout():
         got = model(x)
     assert model.fc.bias is None and model.logit_scale == 0.125
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the whitening stem ------------------------------------------------------------------------------
+
+def _correlated_images(n=64, seed=0):
+    """Smooth, colour-correlated images: patches far from white, as real ones are."""
+    g = torch.Generator().manual_seed(seed)
+    base = F.avg_pool2d(torch.randn(n, 1, 36, 36, generator=g), 5, 1)          # spatially smooth
+    colour = torch.tensor([1.0, 0.8, 0.5]).view(1, 3, 1, 1)
+    return base * colour + 0.05 * torch.randn(n, 3, 32, 32, generator=g) + 0.3
+
+
+def test_whitening_stem_whitens_the_patches_it_was_given():
+    from fastcifar.models.speedrun_net import PatchWhitening
+
+    images = _correlated_images()
+    stem = PatchWhitening(3, 2, eps=0.0)
+    before = stem(images)
+    stem.init_from_data(images)
+    out = stem(images).double()
+    assert out.shape == (64, 24, 31, 31) and before.shape == out.shape
+    z = out[:, :12].permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = torch.cov(z.T)
+    torch.testing.assert_close(cov, torch.eye(12, dtype=torch.float64), atol=2e-3, rtol=0)
+    torch.testing.assert_close(out[:, 12:], -out[:, :12])              # both signs of each filter
+    raw = torch.cov(images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).T.double())
+    assert torch.linalg.cond(raw) > 50                                     # the input was far from white
+    assert not stem.conv.weight.requires_grad
+
+
+def test_whiten_stem_model_shapes_flops_and_bad_stem():
+    from fastcifar.errors import UserError
+    from fastcifar.models import forward_flops
+
+    model = create_model("speedrun_net", stem="whiten").train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert model.stem_norm.num_features == 24 and model.block1.conv1.in_channels == 24
+    assert 0.7 < forward_flops("speedrun_net", stem="whiten") / forward_flops("speedrun_net") < 0.85
+    with pytest.raises(UserError, match="unknown stem 'pca'"):
+        create_model("speedrun_net", stem="pca")
+
+
+def test_training_initialises_the_whitening_stem_from_the_first_training_images(tmp_path, monkeypatch):
+    from beton_data import read_beton
+    from beton_data.augment import normalize
+    from fastcifar.models.speedrun_net import PatchWhitening, SpeedrunNet
+    from fastcifar.train import INIT_IMAGES, TrainConfig, train
+    from train_helpers import make_data, small_config
+
+    data = make_data(tmp_path / "data")
+    cfg = small_config(data, tmp_path / "run", max_steps=3, overrides={"ema": 0.9})
+    cfg.model_options["stem"] = "whiten"
+    first = train(cfg)
+    assert first["status"] == "max_steps" and first["times"]["init_s"] > 0
+    assert first["times"]["train_s"] >= first["times"]["init_s"]
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    expected = PatchWhitening(3, 2)
+    expected.init_from_data(normalize(torch.from_numpy(read_beton(data / "train.beton")[0][:INIT_IMAGES]),
+                                      torch.float32))
+    torch.testing.assert_close(ckpt["model"]["stem.conv.weight"], expected.conv.weight)   # frozen: as set
+    # the weight average was copied after the initialisation, so it holds the same filters
+    torch.testing.assert_close(ckpt["ema"]["stem.conv.weight"], expected.conv.weight)
+    # a resumed run keeps the checkpoint's filters and does not initialise again
+    calls = []
+    monkeypatch.setattr(SpeedrunNet, "init_from_data", lambda self, images: calls.append(1))
+    second = train(TrainConfig(resume=str(tmp_path / "run"), max_steps=5, progress=False))
+    assert second["status"] == "max_steps" and calls == []
