@@ -10,20 +10,30 @@ from fastcifar.models.norm import NormAct
 from fastcifar.models.speedrun_net import Block
 
 
-def _expected_params(w0=32, w1=64, w2=256, w3=256):
+def _expected_params(w0=32, w1=64, w2=256, w3=256, stem="whiten"):
     def block(ci, co):
         return ci * co * 9 + co * co * 9 + 2 * co      # two convs, two BN shifts (scales frozen)
-    return 3 * w0 * 9 + w0 + block(w0, w1) + block(w1, w2) + block(w2, w3) + w3 * 10
+    if stem == "whiten":
+        w0, stem_weights = 24, 0                       # fixed filters: nothing trainable but the BN shift
+    else:
+        stem_weights = 3 * w0 * 9
+    return stem_weights + w0 + block(w0, w1) + block(w1, w2) + block(w2, w3) + w3 * 10
+
+
+def _trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_param_count_and_registry():
     info = get_model_info("speedrun_net")
-    assert info.params == _expected_params() == 1_976_832
+    assert info.params == _expected_params() == 1_971_352
     assert info.published_acc is None and info.published_params is None
     fast = get_recipe("speedrun_net", "fast")
-    assert fast.tag == "fast" and fast.epochs >= 1 and fast.tta == "flip"
-    small = create_model("speedrun_net", widths=(8, 16, 32, 32))
-    assert sum(p.numel() for p in small.parameters() if p.requires_grad) == _expected_params(8, 16, 32, 32)
+    assert fast.tag == "fast" and fast.epochs >= 1 and fast.tta == "flip_translate" and fast.alternate_flip
+    assert _trainable(create_model("speedrun_net", widths=(8, 16, 32, 32))) == _expected_params(8, 16, 32, 32)
+    conv = create_model("speedrun_net", widths=(8, 16, 32, 32), stem="conv")
+    assert _trainable(conv) == _expected_params(8, 16, 32, 32, stem="conv")
+    assert _trainable(create_model("speedrun_net", stem="conv")) == 1_976_832      # the first design
 
 
 def test_forward_backward_batch_2():
@@ -36,17 +46,18 @@ def test_forward_backward_batch_2():
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
-        else:  # the BatchNorm scales, fixed at 1
+        elif name != "stem.conv.weight":  # the BatchNorm scales, fixed at 1
             assert name.endswith("weight") and p.grad is None and torch.all(p == 1), name
     bn = [m for m in model.modules() if isinstance(m, NormAct)]
     assert len(bn) == 7 and all(not m.weight.requires_grad and m.bias.requires_grad for m in bn)
+    assert model.stem.conv.weight.grad is None                             # the whitening filters: fixed
 
 
 def test_pool_first_equals_pool_last_with_unit_bn_scale():
     """Block pools before BN-ReLU; with BN's scale fixed at 1 (an increasing map) that is the same
     function as pooling after them, for fixed statistics (eval mode)."""
     torch.manual_seed(0)
-    block = create_model("speedrun_net").block1.eval()
+    block = create_model("speedrun_net", stem="conv").block1.eval()
     assert isinstance(block, Block)
     with torch.no_grad():
         block.norm1.bias.normal_()
@@ -65,12 +76,15 @@ def _bn(norm, x):
             * norm.weight.view(shape) + norm.bias.view(shape))
 
 
-def test_forward_is_the_documented_layout():
+@pytest.mark.parametrize("stem", ["whiten", "conv"])
+def test_forward_is_the_documented_layout(stem):
     """Eval-mode forward against the layout in the module docstring, written with functional ops:
-    stem conv-BN-ReLU; per block conv, 2x2 max pool, BN-ReLU, conv, BN, + skip, ReLU; global max
-    pool, bias-free linear, times logit_scale."""
+    stem (2x2 whitening conv without padding, or conv3x3) then BN-ReLU; per block conv, 2x2 max
+    pool, BN-ReLU, conv, BN, + skip, ReLU; global max pool, bias-free linear, times logit_scale."""
     torch.manual_seed(0)
-    model = create_model("speedrun_net", widths=(8, 16, 16, 16)).eval()
+    model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem).eval()
+    if stem == "whiten":
+        model.init_from_data(_correlated_images(8))
     with torch.no_grad():
         for m in model.modules():   # statistics and shifts away from their initial values
             if isinstance(m, NormAct):
@@ -78,11 +92,15 @@ def test_forward_is_the_documented_layout():
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
         x = torch.randn(3, 3, 32, 32)
-        h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
+        if stem == "whiten":
+            h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.conv.weight)))
+            assert h.shape[1:] == (24, 31, 31)
+        else:
+            h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
         for block in (model.block1, model.block2, model.block3):
             h = F.relu(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
             h = F.relu(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + h)
-        assert h.shape[-2:] == (4, 4)
+        assert h.shape[-2:] == ((3, 3) if stem == "whiten" else (4, 4))
         want = h.amax(dim=(2, 3)) @ model.fc.weight.T * model.logit_scale
         got = model(x)
     assert model.fc.bias is None and model.logit_scale == 0.125
@@ -124,7 +142,7 @@ def test_whiten_stem_model_shapes_flops_and_bad_stem():
     model = create_model("speedrun_net", stem="whiten").train()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     assert model.stem_norm.num_features == 24 and model.block1.conv1.in_channels == 24
-    assert 0.7 < forward_flops("speedrun_net", stem="whiten") / forward_flops("speedrun_net") < 0.85
+    assert 0.7 < forward_flops("speedrun_net", stem="whiten") / forward_flops("speedrun_net", stem="conv") < 0.85
     with pytest.raises(UserError, match="unknown stem 'pca'"):
         create_model("speedrun_net", stem="pca")
 

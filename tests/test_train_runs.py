@@ -165,7 +165,7 @@ def test_second_ctrl_c_names_the_run_folder(data, tmp_path, monkeypatch):
 
         def hook(module, args):
             calls["n"] += 1
-            if calls["n"] == 13:       # after the first epoch's checkpoint
+            if calls["n"] == 13:       # after the first epoch's checkpoint (10 steps, 2 flip-TTA views)
                 raise KeyboardInterrupt
         model.register_forward_pre_hook(hook)
         return model
@@ -173,7 +173,7 @@ def test_second_ctrl_c_names_the_run_folder(data, tmp_path, monkeypatch):
     monkeypatch.setattr(zoo, "create_model", interrupting)
     out = tmp_path / "run"
     r = CliRunner().invoke(app, ["train", "--model", MODEL, "--model-opt", "widths=[8,16,16,16]", "--data", str(data),
-                                 "--out", str(out), "--epochs", "3", "-b", "64", "--no-progress"])
+                                 "--out", str(out), "--epochs", "3", "-b", "64", "--set", "tta=flip", "--no-progress"])
     assert r.exit_code == 130
     assert f"continue with --resume {out}" in r.output and "RUN_DIR" not in r.output
     assert (out / "last.pt").exists()
