@@ -24,7 +24,8 @@
 #   calibrate           `fastcifar calibrate`: airbench94 alone, $CAL_RUNS runs -> calibrate_airbench.json
 #   speedrun [MODEL...] `fastcifar speedrun` per model (default: speedrun_net with the baseline,
 #                       then every zoo model without it)                 -> speedrun_results.tar.gz
-#   tune                speedrun_net over EPOCHS_SWEEP, $TUNE_RUNS runs each -> tune_speedrun_net.tar.gz
+#   tune                speedrun_net for each setting of TUNE_GRID (default: the epochs of
+#                       EPOCHS_SWEEP), $TUNE_RUNS runs each         -> tune_speedrun_net.tar.gz
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
 #                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
 #                                                                        -> profile_step.json, profile_traces.tar.gz
@@ -74,6 +75,9 @@ ZOO_RUNS=${ZOO_RUNS:-2}                          # timed runs per zoo model
 CAL_RUNS=${CAL_RUNS:-5}
 TUNE_RUNS=${TUNE_RUNS:-3}
 EPOCHS_SWEEP=${EPOCHS_SWEEP:-"8 10 12 14"}
+# tune settings, space-separated; each a comma-joined list of recipe FIELD=VALUE and model
+# options model:KEY=VALUE, e.g. "epochs=10 epochs=10,weight_decay=1e-3 epochs=10,model:stem=conv"
+TUNE_GRID=${TUNE_GRID:-$(for e in $EPOCHS_SWEEP; do printf 'epochs=%s ' "$e"; done)}
 TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
 EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe overrides for speedrun and tune
 NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net model options (speedrun, tune)
@@ -140,10 +144,12 @@ pack_cache() {
   fi
 }
 FC="$PY -m fastcifar.cli"
-SETS=()
-for kv in $EXTRA_SET; do SETS+=(--set "$kv"); done
-NET_OPTS=()
-for kv in $NET_OPT; do NET_OPTS+=(--model-opt "$kv"); done
+# words NAME TEXT: TEXT split on blanks into the array NAME, with no filename expansion (to an
+# unquoted expansion a value such as widths=[8,16,16,16] is a glob pattern)
+words() { read -r -a "$1" <<< "$2"; }
+SETS=() NET_OPTS=()
+words _kvs "$EXTRA_SET"; for kv in "${_kvs[@]}"; do SETS+=(--set "$kv"); done
+words _kvs "$NET_OPT"; for kv in "${_kvs[@]}"; do NET_OPTS+=(--model-opt "$kv"); done
 NPZ=()
 [ -f "$ORIG_NPZ" ] && NPZ=(--original-npz "$ORIG_NPZ")
 zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
@@ -235,9 +241,20 @@ stage_speedrun() {
 stage_tune() {
   local files=()
   mkdir -p "$RESULTS/tune"
-  for e in $EPOCHS_SWEEP; do
-    local f="$RESULTS/tune/speedrun_net_e${e}.json"
-    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" --set "epochs=$e" \
+  local settings parts setting kv
+  words settings "$TUNE_GRID"
+  for setting in "${settings[@]}"; do
+    local args=()
+    IFS=, read -r -a parts <<< "$setting"
+    for kv in "${parts[@]}"; do
+      case "$kv" in
+        model:*) args+=(--model-opt "${kv#model:}") ;;
+        *) args+=(--set "$kv") ;;
+      esac
+    done
+    # one file per setting, named after it: epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
+    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$setting" | tr -c "A-Za-z0-9.-" "_").json"
+    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" "${args[@]}" \
       --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"

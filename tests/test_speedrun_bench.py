@@ -320,3 +320,38 @@ def test_airbench_on_cpu_without_airbench(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "airbench==0.1.8" in err and "\n" not in err
     assert not (tmp_path / "a.json").exists()
+
+
+def test_gpu_suite_tune_runs_each_grid_setting(tmp_path):
+    """The tune stage on the CPU: one speedrun per TUNE_GRID setting, recipe fields and model:
+    options routed to --set and --model-opt, EXTRA_SET and NET_OPT added to every setting
+    (a value with brackets reaches the model whole, not as a glob), one file per setting."""
+    import sys
+    import tarfile
+
+    from train_helpers import make_data
+
+    data = make_data(tmp_path / "data", n_train=64, n_test=32)
+    (tmp_path / "widths=1").touch()          # what the unquoted pattern widths=[8,16,16,16] would match
+    out, res = tmp_path / "out", tmp_path / "res"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(res),
+           "PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "COMPILE_CACHE_DIR": str(tmp_path / "cache"), "TUNE_RUNS": "1",
+           "TUNE_GRID": "epochs=1 epochs=1,weight_decay=0.001,model:stem=conv",
+           "EXTRA_SET": "batch_size=32", "NET_OPT": "widths=[8,16,16,16] logit_scale=1.0"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "tune"], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=tmp_path)
+    # preflight fails here for want of airbench and CUDA; the tune steps themselves must not
+    failed = [line for line in r.stdout.splitlines() if "FAILED" in line]
+    assert all("preflight.py" in line for line in failed), r.stdout[-3000:]
+    files = sorted(p.name for p in (res / "tune").glob("*.json"))
+    assert files == ["speedrun_net_epochs_1.json", "speedrun_net_epochs_1_weight_decay_0.001_model_stem_conv.json"]
+    plain, varied = (json.loads((res / "tune" / f).read_text()) for f in files)
+    for result in (plain, varied):
+        assert result["recipe_fields"]["epochs"] == 1 and result["recipe_fields"]["batch_size"] == 32
+        assert result["model_options"]["widths"] == [8, 16, 16, 16] and result["baseline"] is None
+        assert len(result["runs"]) == 1 and "error" not in result["runs"][0]
+    assert "stem" not in plain["model_options"] and plain["recipe_fields"]["weight_decay"] == 5e-4
+    assert varied["model_options"]["stem"] == "conv" and varied["recipe_fields"]["weight_decay"] == 0.001
+    with tarfile.open(out / "tune_speedrun_net.tar.gz") as tar:
+        assert sorted(tar.getnames()) == files
