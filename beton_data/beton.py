@@ -47,13 +47,13 @@ def write_beton(path, images: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
-def read_beton(path, verify: bool | None = False) -> tuple[np.ndarray, np.ndarray]:
+def read_beton(path, verify: bool | None = False, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (images uint8 [N,32,32,3], labels int64 [N]) from a .beton written by write_beton
     (or FFCV's DatasetWriter with the same fields). UserError if it is missing, damaged or
     foreign; `verify` as in integrity.check_beton (True: also compare its SHA-256 with the
-    manifest's)."""
+    manifest's). `limit`: only the first `limit` samples are read."""
     checked = check_beton(path, verify=verify)
-    ptr, labels = checked.contents.data_ptr, checked.contents.labels
+    ptr, labels = checked.contents.data_ptr[:limit], checked.contents.labels[:limit]
     data = np.memmap(path, dtype=np.uint8, mode="r")
     # Samples written one after another sit back to back inside a page: copy each such run as one
     # block instead of 3,072-byte pieces.

@@ -113,8 +113,7 @@ class Clock:
 
     def train_s(self) -> float:
         """Pure training time so far, over all sessions."""
-        t = self.state()
-        return t["init_s"] + t["steps_s"] - t["compile_s"]
+        return self.totals()["train_s"]
 
     def totals(self) -> dict:
         """The figures a summary reports (see the module docstring)."""

@@ -255,7 +255,7 @@ def _init_from_data(model, data: DataFiles, train_loader, device: torch.device, 
     if pixels is not None:
         images = pixels.view(-1, 32, 32, 3)[:INIT_IMAGES]
     else:
-        images = torch.from_numpy(read_beton(data.paths["train"])[0][:INIT_IMAGES]).to(device)
+        images = torch.from_numpy(read_beton(data.paths["train"], limit=INIT_IMAGES)[0]).to(device)
     init(normalize(images, torch.float32))
     sync(device)
     clock.data_init(time.perf_counter() - t0)

@@ -121,6 +121,9 @@ def test_write_read_beton_roundtrip(tmp_path):
     np.testing.assert_array_equal(got_labels, labels)
     assert got_labels.dtype == np.int64
     assert no_temporaries(tmp_path) == []
+    first_ims, first_labels = read_beton(tmp_path / "x.beton", limit=5)     # only the first samples
+    np.testing.assert_array_equal(first_ims, ims[:5])
+    np.testing.assert_array_equal(first_labels, labels[:5])
 
 
 def test_write_beton_rejects_bad_arrays(tmp_path):

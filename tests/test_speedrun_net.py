@@ -147,7 +147,8 @@ def test_whiten_stem_model_shapes_flops_and_bad_stem():
         create_model("speedrun_net", stem="pca")
 
 
-def test_training_initialises_the_whitening_stem_from_the_first_training_images(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loader", ["gpu", "ffcv"])   # images from the loader's device copy / the file
+def test_training_initialises_the_whitening_stem_from_the_first_training_images(loader, tmp_path, monkeypatch):
     from beton_data import read_beton
     from beton_data.augment import normalize
     from fastcifar.models.speedrun_net import PatchWhitening, SpeedrunNet
@@ -155,7 +156,7 @@ def test_training_initialises_the_whitening_stem_from_the_first_training_images(
     from train_helpers import make_data, small_config
 
     data = make_data(tmp_path / "data")
-    cfg = small_config(data, tmp_path / "run", max_steps=3, overrides={"ema": 0.9})
+    cfg = small_config(data, tmp_path / "run", max_steps=3, overrides={"ema": 0.9}, loader=loader)
     cfg.model_options["stem"] = "whiten"
     first = train(cfg)
     assert first["status"] == "max_steps" and first["times"]["init_s"] > 0

@@ -50,7 +50,7 @@ def recipe_summary(r: Recipe, mark_unstated: bool = True) -> str:
         parts.append(f"AMP eps={r.amp_epsilon:g}")
     if r.label_smoothing:
         parts.append(f"ls {r.label_smoothing:g}")
-    flip = "altflip" if getattr(r, "alternate_flip", False) else "flip"
+    flip = "altflip" if r.alternate_flip else "flip"
     aug = "+".join(a for a, on in ((flip, r.flip), (f"crop{r.translate}", r.translate),
                                    (f"cutout{r.cutout}", r.cutout)) if on) or "no aug"
     parts.append(aug)
