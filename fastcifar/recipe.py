@@ -31,6 +31,8 @@ class Recipe:
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: tuple = (0.9, 0.999)
+    bias_lr_scale: float = 1.0           # lr multiplier for 1-D parameters (BatchNorm shifts and
+                                         # scales, biases); their weight decay is divided by it
 
     # schedule: onecycle | cosine | multistep | plateau | linear | constant
     schedule: str = "onecycle"
@@ -94,6 +96,8 @@ class Recipe:
             problems.append("epochs and batch_size must be positive")
         if not self.lr > 0:
             problems.append("lr must be positive")
+        if not self.bias_lr_scale > 0:
+            problems.append("bias_lr_scale must be positive")
         if not 0 <= self.ema < 1 or not 0 <= self.label_smoothing < 1:
             problems.append("ema and label_smoothing must be in [0, 1)")
         if self.amp_epsilon < 0 or self.amp_inner_iters < 1:

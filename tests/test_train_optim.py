@@ -11,7 +11,7 @@ from torch import nn
 
 from fastcifar.errors import UserError
 from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
-                             clip_gradients)
+                             clip_gradients, set_lr)
 from fastcifar.recipe import Recipe
 from train_helpers import make_data, small_config
 
@@ -88,6 +88,47 @@ def test_optimizers_are_built_as_asked():
     assert isinstance(build_optimizer(p, Recipe(optimizer="adam", betas=(0.8, 0.99))), torch.optim.Adam)
     assert isinstance(build_optimizer(p, Recipe(optimizer="adamw")), torch.optim.AdamW)
     assert isinstance(build_optimizer(p, Recipe(optimizer="adadelta", lr=1.0)), torch.optim.Adadelta)
+
+
+def test_bias_lr_scale_gives_vectors_their_own_rate_and_the_same_decay_per_step():
+    """bias_lr_scale: the 1-D parameters (BN shift and scale, biases) step bias_lr_scale times
+    further for the same gradient, the conv/linear weights do not, and weight decay still takes
+    the same fraction of every parameter per step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    params = list(model.parameters())
+    recipe = Recipe(optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, bias_lr_scale=64.0)
+    opt = build_optimizer(params, recipe)
+    assert [g["lr_scale"] for g in opt.param_groups] == [1.0, 64.0]
+    vectors = {id(p) for p in opt.param_groups[1]["params"]}
+    assert vectors == {id(p) for p in params if p.ndim == 1} and len(vectors) == 4   # conv bias, BN weight and bias, fc bias
+    set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 32.0]
+
+    # same gradient everywhere, no decay: vectors move 64x as far
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for p, b in zip(params, before):
+        assert torch.allclose(b - p.detach(), torch.full_like(b, 32.0 if p.ndim == 1 else 0.5))
+
+    # weight decay alone: every parameter shrinks by the same fraction lr * weight_decay
+    opt = build_optimizer(params, recipe.replace(weight_decay=1e-3))
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, pytest.approx(1e-3 / 64)]
+    set_lr(opt, 0.5)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(params, before):
+        shrink = (b - p.detach()) / b
+        assert torch.allclose(shrink, torch.full_like(b, 0.5 * 1e-3), rtol=1e-2, atol=0), p.ndim
+
+    # the default keeps one group; a non-positive scale is refused
+    assert len(build_optimizer(params, Recipe()).param_groups) == 1
+    with pytest.raises(UserError, match="bias_lr_scale"):
+        Recipe(bias_lr_scale=0.0).validate()
 
 
 def test_lookahead_pulls_fast_weights_towards_slow():
@@ -190,6 +231,7 @@ PATHS = {
     "ema_tta": dict(ema=0.9, tta="flip_translate"),
     "clip_norm_value_smoothing": dict(grad_clip_norm=1.0, grad_clip_value=0.5, label_smoothing=0.1),
     "cutout": dict(cutout=8, translate=2),
+    "bias_lr_scale": dict(bias_lr_scale=16.0),
 }
 
 
@@ -243,6 +285,10 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
         assert group["decoupled_weight_decay"] == (recipe.optimizer == "adamw")
     # the lr of the last step (index 1) is the schedule's, 4 steps per epoch over 256 images
     assert group["lr"] == pytest.approx(LRSchedule(recipe, 4, recipe.epochs * 4)(1))
+    groups = ckpt["optimizer"]["param_groups"]
+    assert len(groups) == (2 if recipe.bias_lr_scale != 1 else 1)
+    if len(groups) == 2:    # the 1-D parameters' group, at its multiple of the schedule
+        assert groups[1]["lr"] == pytest.approx(group["lr"] * recipe.bias_lr_scale)
     # each trick on both steps exactly when the recipe asks for it
     clip = recipe.grad_clip_norm is not None or recipe.grad_clip_value is not None
     assert calls["clip"] == (2 if clip else 0)
