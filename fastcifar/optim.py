@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from fastcifar.errors import UserError
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
+OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta", "muon")
 SCHEDULES = ("onecycle", "cosine", "multistep", "plateau", "linear", "constant")
 
 
@@ -38,15 +38,24 @@ def param_groups(params, recipe) -> list[dict]:
     larger rate. Their weight decay is divided by the same factor, so each step still decays
     them by the same fraction (lr * weight_decay) as every other parameter.
 
+    With the muon optimizer the conv filters (4-D parameters) form a third group, flagged
+    ``orthogonal``, at ``recipe.muon_lr`` (expressed as lr_scale = muon_lr / lr, so that it
+    follows the same schedule) and without weight decay (see `Muon`).
+
     Each group carries ``lr_scale``; `set_lr` multiplies the schedule's rate by it."""
     params = [p for p in params if p.requires_grad]
     scale, wd = float(recipe.bias_lr_scale), recipe.weight_decay
+    muon = recipe.optimizer.lower() == "muon"
+    filters = [p for p in params if muon and p.ndim == 4]
+    rest = [p for p in params if not (muon and p.ndim == 4)]
     if scale == 1.0:
-        return [dict(params=params, weight_decay=wd, lr_scale=1.0)]
-    vectors = [p for p in params if p.ndim <= 1]
-    others = [p for p in params if p.ndim > 1]
-    groups = [dict(params=others, weight_decay=wd, lr_scale=1.0),
-              dict(params=vectors, weight_decay=wd / scale, lr_scale=scale)]
+        groups = [dict(params=rest, weight_decay=wd, lr_scale=1.0)]
+    else:
+        groups = [dict(params=[p for p in rest if p.ndim > 1], weight_decay=wd, lr_scale=1.0),
+                  dict(params=[p for p in rest if p.ndim <= 1], weight_decay=wd / scale, lr_scale=scale)]
+    if muon:
+        groups.append(dict(params=filters, weight_decay=0.0, lr_scale=recipe.muon_lr / recipe.lr,
+                           orthogonal=True))
     return [g for g in groups if g["params"]]
 
 
@@ -79,7 +88,86 @@ def build_optimizer(params, recipe) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(recipe.betas), weight_decay=wd, fused=True)
     if name == "adadelta":
         return torch.optim.Adadelta(groups, lr=lr, weight_decay=wd)
+    if name == "muon":
+        return Muon(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=wd)
     raise UserError(f"unknown optimizer {recipe.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+# Quintic Newton-Schulz coefficients from the Muon write-up (K. Jordan, 2024): chosen so that
+# five iterations push the singular values of a normalised matrix into roughly [0.7, 1.2]
+# (those more than ~1000x below the largest stay smaller): an exact orthogonalisation is not
+# needed, only its direction-equalising effect.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U V^T for g = U S V^T (g a 2-D matrix): the same singular directions with
+    every singular value near 1, by a quintic Newton-Schulz iteration (matmuls only, so it runs
+    on any device). Computed in float32."""
+    a, b, c = NS_COEFFS
+    x = g.float()
+    tall = x.shape[0] > x.shape[1]
+    if tall:             # iterate on the smaller Gram matrix
+        x = x.T
+    x = x / (x.norm() + 1e-7)                         # singular values now <= 1
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD whose conv filters take orthogonalised steps (MomentUm Orthogonalized by Newton-Schulz).
+
+    Groups flagged ``orthogonal`` (the 4-D conv filters, see `param_groups`): the (Nesterov)
+    momentum of the gradient, each filter bank flattened to an [out, in * k * k] matrix, is
+    orthogonalised (`orthogonalize`), so that every direction the gradient moves in moves at
+    the same rate instead of the few dominant ones taking the whole step. The step is scaled
+    to ``lr`` times the tensor's norm, and the tensor is then rescaled to the norm it had:
+    behind a BatchNorm a filter bank's scale does not change the function, so holding it fixed
+    makes ``lr`` exactly the fraction it turns by per step, for the whole run (with weight decay
+    and a free norm, the norm's drift would set the real rate instead). For a conv that is not
+    followed by a BatchNorm (the squeeze-excitation gates), the fixed norm is a constraint: its
+    initial one. Weight decay does not apply to these groups.
+
+    Every other group (biases, BatchNorm shifts, the linear head) is plain SGD with momentum,
+    Nesterov if asked, and L2 weight decay, exactly as torch.optim.SGD.
+
+    Not fused: under fp16 loss scaling the GradScaler checks for overflow on the host each step."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 0.0, ns_steps: int = 5):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        orthogonal=False, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd and not group["orthogonal"]:
+                    g = g.add(p, alpha=wd)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf.mul_(mom).add_(g)
+                d = g.add(buf, alpha=mom) if group["nesterov"] else buf
+                if not group["orthogonal"]:
+                    p.add_(d, alpha=-lr)
+                    continue
+                norm = p.norm()
+                o = orthogonalize(d.reshape(len(d), -1), group["ns_steps"]).view_as(p)
+                p.add_(o.to(p.dtype), alpha=float(-lr) * float(norm) / max(float(o.norm()), 1e-12))
+                p.mul_(norm / p.norm().clamp_min(1e-12))
+        return loss
 
 
 # -----------------------------------------------------------------------------

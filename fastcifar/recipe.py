@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 
 # How the learning rate follows the batch size when only the batch size is changed.
-LR_SCALING = {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt", "adadelta": "sqrt"}
+LR_SCALING = {"sgd": "linear", "adam": "sqrt", "adamw": "sqrt", "adadelta": "sqrt", "muon": "linear"}
 
 
 @dataclass
@@ -24,13 +24,15 @@ class Recipe:
     epochs: int = 30
     batch_size: int = 512
 
-    # optimizer: sgd | adam | adamw | adadelta
+    # optimizer: sgd | adam | adamw | adadelta | muon (conv filters orthogonalised, see optim.Muon)
     optimizer: str = "sgd"
     lr: float = 0.1                      # peak learning rate
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: tuple = (0.9, 0.999)
+    muon_lr: float = 0.05                # muon only: fraction of its norm a conv filter bank turns
+                                         # by per step at the peak (lr is for the other parameters)
     bias_lr_scale: float = 1.0           # lr multiplier for 1-D parameters (BatchNorm shifts and
                                          # scales, biases); their weight decay is divided by it
 
@@ -98,6 +100,8 @@ class Recipe:
             problems.append("lr must be positive")
         if not self.bias_lr_scale > 0:
             problems.append("bias_lr_scale must be positive")
+        if not 0 < self.muon_lr < 1:
+            problems.append("muon_lr must be in (0, 1)")
         if not 0 <= self.ema < 1 or not 0 <= self.label_smoothing < 1:
             problems.append("ema and label_smoothing must be in [0, 1)")
         if self.amp_epsilon < 0 or self.amp_inner_iters < 1:
@@ -119,12 +123,14 @@ class Recipe:
         normalise each step by a running gradient scale, so the step does not shrink with a
         larger batch's smaller gradient noise; the square-root rule (Malladi et al. 2022)
         keeps their update noise matched instead. Without either, a recipe tuned at batch 512
-        diverges at batch 100 (the step is 5x too large for the noisier gradients)."""
+        diverges at batch 100 (the step is 5x too large for the noisier gradients). Muon: its
+        SGD part (lr) scales linearly; muon_lr, a per-step turn of normalised filters, is kept."""
         rule = LR_SCALING[self.optimizer]
         ratio = batch_size / self.batch_size
         lr = self.lr * (ratio if rule == "linear" else ratio ** 0.5)
         note = (f"batch size {batch_size} instead of the recipe's {self.batch_size}: learning rate "
-                f"{self.lr:.4g} -> {lr:.4g} ({rule} scaling for {self.optimizer}; --lr sets it yourself)")
+                f"{self.lr:.4g} -> {lr:.4g} ({rule} scaling for {self.optimizer}; --lr sets it yourself)"
+                + ("; muon_lr kept" if self.optimizer == "muon" else ""))
         return dataclasses.replace(self, batch_size=batch_size, lr=lr), note
 
     @classmethod

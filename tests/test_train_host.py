@@ -43,12 +43,13 @@ def _count_syncs_in_epochs(monkeypatch) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adadelta"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "adadelta", "muon"])
 def test_fp16_loop_syncs_once_per_window(data, tmp_path, monkeypatch, optimizer):
     """fp16 with a GradScaler, EMA, Lookahead and clipping: 40 steps an epoch with the sync
     window widened past the epoch, so the only syncs allowed are the epoch's last (the window
-    read and the epoch's sums). Adadelta has no fused implementation: its GradScaler reads the
-    overflow flag every step, which is what this counter must see (and why it defaults to bf16)."""
+    read and the epoch's sums). Adadelta and Muon have no fused implementation: their GradScaler
+    reads the overflow flag every step, which is what this counter must see (and why they
+    default to bf16)."""
     monkeypatch.setattr(T, "SYNC_EVERY", 1000)
     counts = _count_syncs_in_epochs(monkeypatch)
     lr = 1.0 if optimizer == "adadelta" else 0.01
@@ -56,7 +57,7 @@ def test_fp16_loop_syncs_once_per_window(data, tmp_path, monkeypatch, optimizer)
         epochs=2, batch_size=16, optimizer=optimizer, lr=lr, ema=0.9, lookahead_k=3, grad_clip_norm=5.0)))
     assert s["steps"] == 80 and s["precision"] == "fp16"
     assert len(counts) == 2
-    if optimizer == "adadelta":
+    if optimizer in ("adadelta", "muon"):
         assert min(counts) >= 40, counts
     else:
         assert max(counts) <= 2, counts

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import math
 
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from fastcifar.errors import UserError
-from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer,
-                             clip_gradients, set_lr)
+from fastcifar.optim import (EMA, Lookahead, LRSchedule, ModelPerturbation, Muon, build_optimizer,
+                             clip_gradients, orthogonalize, set_lr)
 from fastcifar.recipe import Recipe
 from train_helpers import make_data, small_config
 
@@ -131,6 +133,61 @@ def test_bias_lr_scale_gives_vectors_their_own_rate_and_the_same_decay_per_step(
         Recipe(bias_lr_scale=0.0).validate()
 
 
+def test_orthogonalize_keeps_singular_directions_and_equalises_values():
+    torch.manual_seed(0)
+    for shape in [(64, 216), (40, 12)]:
+        u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
+        k = min(shape)
+        s = torch.logspace(0, -2, k)                         # condition number 100
+        g = u[:, :k] @ torch.diag(s) @ v[:, :k].T
+        o = orthogonalize(g)
+        assert o.shape == g.shape
+        core = u[:, :k].T @ o @ v[:, :k]                     # diagonal if the directions are kept
+        diag = torch.diagonal(core)
+        assert (core - torch.diag(diag)).abs().max() < 1e-3
+        assert diag.min() > 0.6 and diag.max() < 1.25, (diag.min(), diag.max())
+
+
+def test_muon_turns_filters_at_fixed_norm_and_steps_the_rest_like_sgd():
+    """muon: each conv filter bank keeps its norm and moves by lr of it per step, in the
+    orthogonalised momentum's direction; biases, BN shifts and the linear head get exactly
+    torch.optim.SGD's update; muon_lr follows the schedule through set_lr."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 2))
+    twin = copy.deepcopy(model)
+    recipe = Recipe(optimizer="muon", lr=0.1, muon_lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    opt = build_optimizer(model.parameters(), recipe)
+    assert isinstance(opt, Muon)
+    filters = [g for g in opt.param_groups if g["orthogonal"]]
+    assert len(filters) == 1 and filters[0]["params"] == [model[0].weight]
+    assert filters[0]["weight_decay"] == 0.0
+    set_lr(opt, 0.1)
+    assert filters[0]["lr"] == pytest.approx(0.05)
+    rest = [p for p in twin.parameters() if p.ndim != 4]
+    sgd = torch.optim.SGD(rest, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 2, (16,))
+    for _ in range(3):
+        w0 = model[0].weight.detach().clone()
+        with torch.no_grad():       # the twin's filters follow muon's, so the gradients match
+            twin[0].weight.copy_(w0)
+        for net, o in ((model, opt), (twin, sgd)):
+            o.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+        grad = model[0].weight.grad.reshape(8, -1).clone()
+        opt.step()
+        sgd.step()
+        w1 = model[0].weight.detach()
+        assert w1.norm() == pytest.approx(w0.norm(), rel=1e-5)
+        step = (w1 - w0).reshape(8, -1)
+        assert step.norm() / w0.norm() == pytest.approx(0.05, rel=0.05)
+        assert (step * grad).sum() < 0                      # downhill
+    for p, q in zip([p for p in model.parameters() if p.ndim != 4], rest):
+        assert torch.allclose(p, q, atol=1e-6)
+    with pytest.raises(UserError, match="muon_lr"):
+        Recipe(optimizer="muon", muon_lr=1.5).validate()
+
+
 def test_lookahead_pulls_fast_weights_towards_slow():
     w = nn.Parameter(torch.zeros(2))
     la = Lookahead([w], k=2, alpha=0.5)
@@ -232,10 +289,12 @@ PATHS = {
     "clip_norm_value_smoothing": dict(grad_clip_norm=1.0, grad_clip_value=0.5, label_smoothing=0.1),
     "cutout": dict(cutout=8, translate=2),
     "bias_lr_scale": dict(bias_lr_scale=16.0),
+    "muon": dict(optimizer="muon", muon_lr=0.05, nesterov=True),
 }
 
 
-OPTIMIZER_STATE = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg", "adadelta": "acc_delta"}
+OPTIMIZER_STATE = {"sgd": "momentum_buffer", "adam": "exp_avg", "adamw": "exp_avg", "adadelta": "acc_delta",
+                   "muon": "momentum_buffer"}
 
 
 @pytest.mark.parametrize("name", sorted(PATHS))
@@ -286,8 +345,10 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
     # the lr of the last step (index 1) is the schedule's, 4 steps per epoch over 256 images
     assert group["lr"] == pytest.approx(LRSchedule(recipe, 4, recipe.epochs * 4)(1))
     groups = ckpt["optimizer"]["param_groups"]
-    assert len(groups) == (2 if recipe.bias_lr_scale != 1 else 1)
-    if len(groups) == 2:    # the 1-D parameters' group, at its multiple of the schedule
+    assert len(groups) == (2 if recipe.bias_lr_scale != 1 or recipe.optimizer == "muon" else 1)
+    if recipe.optimizer == "muon":   # the conv filters' group, at muon_lr's share of the schedule
+        assert groups[1]["orthogonal"] and groups[1]["lr"] == pytest.approx(group["lr"] * recipe.muon_lr / recipe.lr)
+    elif len(groups) == 2:    # the 1-D parameters' group, at its multiple of the schedule
         assert groups[1]["lr"] == pytest.approx(group["lr"] * recipe.bias_lr_scale)
     # each trick on both steps exactly when the recipe asks for it
     clip = recipe.grad_clip_norm is not None or recipe.grad_clip_value is not None
