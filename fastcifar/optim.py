@@ -163,9 +163,11 @@ class Muon(torch.optim.Optimizer):
                 if not group["orthogonal"]:
                     p.add_(d, alpha=-lr)
                     continue
+                # tensor arithmetic only: a float() of a norm would make the host wait for the
+                # GPU at every step
                 norm = p.norm()
                 o = orthogonalize(d.reshape(len(d), -1), group["ns_steps"]).view_as(p)
-                p.add_(o.to(p.dtype), alpha=float(-lr) * float(norm) / max(float(o.norm()), 1e-12))
+                p.sub_(o.to(p.dtype) * (lr * norm / o.norm().clamp_min(1e-12)))
                 p.mul_(norm / p.norm().clamp_min(1e-12))
         return loss
 

@@ -63,6 +63,17 @@ def test_fp16_loop_syncs_once_per_window(data, tmp_path, monkeypatch, optimizer)
         assert max(counts) <= 2, counts
 
 
+def test_muon_in_bf16_does_not_sync_per_step(data, tmp_path, monkeypatch):
+    """Muon's default on a GPU is bf16 (no scaler): then its own step must not read a value on
+    the host either (its norms stay tensors)."""
+    monkeypatch.setattr(T, "SYNC_EVERY", 1000)
+    counts = _count_syncs_in_epochs(monkeypatch)
+    s = train(small_config(data, tmp_path / "run", precision="bf16", overrides=dict(
+        epochs=2, batch_size=16, optimizer="muon", lr=0.01, muon_lr=0.05, ema=0.9)))
+    assert s["steps"] == 80 and s["precision"] == "bf16"
+    assert len(counts) == 2 and max(counts) <= 2, counts
+
+
 def test_adadelta_defaults_to_bf16_on_gpu_only(data, tmp_path):
     cfg, _, _, notes = resolve(small_config(data, tmp_path / "r", overrides=dict(optimizer="adadelta", lr=1.0)))
     assert cfg.precision == "fp32" and not notes      # CPU: fp32, no note
