@@ -562,6 +562,15 @@ def test_cli_table():
     assert "004_9a17163d1e54e00e.txt" in result.output
 
 
+def test_recipe_summary_names_the_optimizer_extras():
+    from fastcifar.models.table import recipe_summary
+    from fastcifar.recipe import Recipe
+    text = recipe_summary(Recipe(optimizer="muon", muon_lr=0.1, bias_lr_scale=64.0), False)
+    assert "muon lr 0.1" in text and "bias lr x64" in text
+    plain = recipe_summary(Recipe(), False)
+    assert "muon" not in plain and "bias lr" not in plain
+
+
 def test_cli_json():
     result = runner.invoke(app, ["models", "--json"])
     assert result.exit_code == 0, result.output

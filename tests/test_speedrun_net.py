@@ -30,6 +30,7 @@ def test_param_count_and_registry():
     assert info.published_acc is None and info.published_params is None
     fast = get_recipe("speedrun_net", "fast")
     assert fast.tag == "fast" and fast.epochs >= 1 and fast.tta == "flip_translate" and fast.alternate_flip
+    assert fast.bias_lr_scale == 64.0
     assert _trainable(create_model("speedrun_net", widths=(8, 16, 32, 32))) == _expected_params(8, 16, 32, 32)
     conv = create_model("speedrun_net", widths=(8, 16, 32, 32), stem="conv")
     assert _trainable(conv) == _expected_params(8, 16, 32, 32, stem="conv")

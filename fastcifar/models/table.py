@@ -40,6 +40,10 @@ def recipe_summary(r: Recipe, mark_unstated: bool = True) -> str:
     parts = [v("optimizer", r.optimizer) + " " + v("lr", f"lr {r.lr:g}"), v("schedule", r.schedule),
              v("epochs", f"{r.epochs} ep"), v("batch_size", f"bs {r.batch_size}"),
              v("weight_decay", f"wd {r.weight_decay:g}")]
+    if r.optimizer == "muon":
+        parts.append(f"muon lr {r.muon_lr:g}")
+    if r.bias_lr_scale != 1:
+        parts.append(f"bias lr x{r.bias_lr_scale:g}")
     if r.grad_clip_value is not None:
         parts.append(f"clip {r.grad_clip_value:g}")
     if r.grad_clip_norm is not None:
