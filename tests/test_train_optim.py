@@ -147,6 +147,10 @@ def test_orthogonalize_keeps_singular_directions_and_equalises_values():
         diag = torch.diagonal(core)
         assert (core - torch.diag(diag)).abs().max() < 1e-3
         assert diag.min() > 0.6 and diag.max() < 1.25, (diag.min(), diag.max())
+    # a batch of matrices (how Muon handles filter banks of one shape) = each one on its own
+    gs = torch.randn(3, 16, 40)
+    assert torch.allclose(orthogonalize(gs), torch.stack([orthogonalize(g) for g in gs]), atol=1e-5)
+    assert torch.allclose(orthogonalize(gs.mT), torch.stack([orthogonalize(g.T) for g in gs]), atol=1e-5)
 
 
 def test_muon_turns_filters_at_fixed_norm_and_steps_the_rest_like_sgd():
@@ -345,11 +349,12 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
     # the lr of the last step (index 1) is the schedule's, 4 steps per epoch over 256 images
     assert group["lr"] == pytest.approx(LRSchedule(recipe, 4, recipe.epochs * 4)(1))
     groups = ckpt["optimizer"]["param_groups"]
-    assert len(groups) == (2 if recipe.bias_lr_scale != 1 or recipe.optimizer == "muon" else 1)
-    if recipe.optimizer == "muon":   # the conv filters' group, at muon_lr's share of the schedule
-        assert groups[1]["orthogonal"] and groups[1]["lr"] == pytest.approx(group["lr"] * recipe.muon_lr / recipe.lr)
-    elif len(groups) == 2:    # the 1-D parameters' group, at its multiple of the schedule
+    muon = recipe.optimizer == "muon"
+    assert len(groups) == 1 + (recipe.bias_lr_scale != 1) + muon
+    if recipe.bias_lr_scale != 1:   # the 1-D parameters' group, at its multiple of the schedule
         assert groups[1]["lr"] == pytest.approx(group["lr"] * recipe.bias_lr_scale)
+    if muon:                        # the conv filters' group, at muon_lr's share of the schedule
+        assert groups[-1]["orthogonal"] and groups[-1]["lr"] == pytest.approx(group["lr"] * recipe.muon_lr / recipe.lr)
     # each trick on both steps exactly when the recipe asks for it
     clip = recipe.grad_clip_norm is not None or recipe.grad_clip_value is not None
     assert calls["clip"] == (2 if clip else 0)
