@@ -182,9 +182,9 @@ def test_muon_turns_filters_at_fixed_norm_and_steps_the_rest_like_sgd():
         opt.step()
         sgd.step()
         w1 = model[0].weight.detach()
-        assert w1.norm() == pytest.approx(w0.norm(), rel=1e-5)
+        assert float(w1.norm()) == pytest.approx(float(w0.norm()), rel=1e-5)
         step = (w1 - w0).reshape(8, -1)
-        assert step.norm() / w0.norm() == pytest.approx(0.05, rel=0.05)
+        assert float(step.norm() / w0.norm()) == pytest.approx(0.05, rel=0.05)
         assert (step * grad).sum() < 0                      # downhill
     for p, q in zip([p for p in model.parameters() if p.ndim != 4], rest):
         assert torch.allclose(p, q, atol=1e-6)
