@@ -29,6 +29,7 @@ copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
     ... the default at 8 epochs                       88.77%   train_cpu_speedrun_net_bias64_8.json
     ... 8 epochs, optimizer=muon, muon_lr=0.1         89.03%   train_cpu_speedrun_net_muon01_bias64_8.json
     ... the same without the BN shifts' own lr        89.03%   train_cpu_speedrun_net_muon01_8.json
+    ... muon with muon_lr=0.2                         87.41%   train_cpu_speedrun_net_muon02_bias64_8.json
     airbench94 on the same copy (9.9 epochs)          90.59%   airbench_cpu_jpeg.json
 
 The whitening stem did as well with 0.78x the FLOPs (0.79x the CPU training time). The BN
