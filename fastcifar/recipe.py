@@ -31,7 +31,7 @@ class Recipe:
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: tuple = (0.9, 0.999)
-    muon_lr: float = 0.05                # muon only: fraction of its norm a conv filter bank turns
+    muon_lr: float = 0.1                 # muon only: fraction of its norm a conv filter bank turns
                                          # by per step at the peak (lr is for the other parameters)
     bias_lr_scale: float = 1.0           # lr multiplier for 1-D parameters (BatchNorm shifts and
                                          # scales, biases); their weight decay is divided by it
