@@ -174,3 +174,28 @@ def test_training_initialises_the_whitening_stem_from_the_first_training_images(
     monkeypatch.setattr(SpeedrunNet, "init_from_data", lambda self, images: calls.append(1))
     second = train(TrainConfig(resume=str(tmp_path / "run"), max_steps=5, progress=False))
     assert second["status"] == "max_steps" and calls == []
+
+
+def test_identity_init_passes_the_input_channels_through_and_keeps_the_rest_random():
+    torch.manual_seed(0)
+    plain = create_model("speedrun_net")
+    torch.manual_seed(0)
+    model = create_model("speedrun_net", dirac_init=True)
+    assert _trainable(model) == _trainable(plain)
+    x = torch.randn(2, 64, 15, 15)
+    conv = model.block2.conv1                                      # 64 -> 256
+    y = conv(x)
+    torch.testing.assert_close(y[:, :64], x)                       # the first 64 copy their input
+    assert not torch.allclose(conv.weight[64:], torch.zeros_like(conv.weight[64:]))
+    assert torch.equal(conv.weight[64:], plain.block2.conv1.weight[64:])   # the rest as before
+    for block in (model.block1, model.block2, model.block3):
+        torch.testing.assert_close(block.conv2(block.conv2.weight.new_ones(1, block.conv2.in_channels, 3, 3)),
+                                   block.conv2.weight.new_ones(1, block.conv2.out_channels, 3, 3))
+    # off by default: the plain model's convs are not the identity anywhere
+    assert not torch.allclose(plain.block2.conv1(x)[:, :64], x)
+
+
+def test_identity_init_refuses_a_narrowing_conv():
+    from fastcifar.models.speedrun_net import identity_init_
+    with pytest.raises(ValueError, match="out_channels >= in_channels"):
+        identity_init_(torch.nn.Conv2d(8, 4, 3, padding=1))

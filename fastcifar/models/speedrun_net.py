@@ -64,17 +64,36 @@ class Block(nn.Module):
     into the BN-ReLU kernel by NormAct.
     """
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, dirac_init: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = NormAct(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.norm2 = NormAct(c_out)
+        if dirac_init:
+            for conv in (self.conv1, self.conv2):
+                identity_init_(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(self.pool(self.conv1(x)))
         return self.norm2(self.conv2(h), residual=h)
+
+
+@torch.no_grad()
+def identity_init_(conv: nn.Conv2d) -> None:
+    """Make the first `in_channels` filters of a 3x3 conv pass their input channel through.
+
+    A freshly initialised deep stack scrambles its input at every layer, so the first steps of
+    a short run are spent recovering signal the stem already had. With output channel i (i <
+    in_channels) copying input channel i, each conv starts as the identity on part of its output
+    and a random map on the rest: the input reaches the head intact from step one, and the
+    random filters add features on top. Needs out_channels >= in_channels (true for every conv
+    here)."""
+    out_c, in_c = conv.weight.shape[:2]
+    if out_c < in_c:
+        raise ValueError(f"identity init needs out_channels >= in_channels, got {out_c} < {in_c}")
+    nn.init.dirac_(conv.weight[:in_c])
 
 
 class PatchWhitening(nn.Module):
@@ -124,7 +143,8 @@ STEMS = ("conv", "whiten")
 
 class SpeedrunNet(nn.Module):
     def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
-                 freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten"):
+                 freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
+                 dirac_init: bool = False):
         super().__init__()
         w0, w1, w2, w3 = widths
         if stem == "conv":
@@ -144,9 +164,9 @@ class SpeedrunNet(nn.Module):
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
-        self.block1 = Block(w0, w1)
-        self.block2 = Block(w1, w2)
-        self.block3 = Block(w2, w3)
+        self.block1 = Block(w0, w1, dirac_init)
+        self.block2 = Block(w1, w2, dirac_init)
+        self.block3 = Block(w2, w3, dirac_init)
         # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
         # a little more translation-robust than averaging for a net this shallow.
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -220,6 +240,7 @@ FAST = Recipe(
     notes="Own design for the speedrun; accuracy and time against airbench94 not yet measured.",
 )
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
-                 freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten") -> nn.Module:
+                 freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
+                 dirac_init: bool = False) -> nn.Module:
     return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
-                       num_classes=num_classes, stem=stem)
+                       num_classes=num_classes, stem=stem, dirac_init=dirac_init)
