@@ -77,13 +77,14 @@ def _bn(norm, x):
             * norm.weight.view(shape) + norm.bias.view(shape))
 
 
-@pytest.mark.parametrize("stem", ["whiten", "conv"])
-def test_forward_is_the_documented_layout(stem):
+@pytest.mark.parametrize("stem,residual", [("whiten", True), ("conv", True), ("whiten", False)])
+def test_forward_is_the_documented_layout(stem, residual):
     """Eval-mode forward against the layout in the module docstring, written with functional ops:
     stem (2x2 whitening conv without padding, or conv3x3) then BN-ReLU; per block conv, 2x2 max
-    pool, BN-ReLU, conv, BN, + skip, ReLU; global max pool, bias-free linear, times logit_scale."""
+    pool, BN-ReLU, conv, BN, + skip (unless residual=False), ReLU; global max pool, bias-free
+    linear, times logit_scale."""
     torch.manual_seed(0)
-    model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem).eval()
+    model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem, residual=residual).eval()
     if stem == "whiten":
         model.init_from_data(_correlated_images(8))
     with torch.no_grad():
@@ -100,7 +101,7 @@ def test_forward_is_the_documented_layout(stem):
             h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
         for block in (model.block1, model.block2, model.block3):
             h = F.relu(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
-            h = F.relu(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + h)
+            h = F.relu(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + (h if residual else 0))
         assert h.shape[-2:] == ((3, 3) if stem == "whiten" else (4, 4))
         want = h.amax(dim=(2, 3)) @ model.fc.weight.T * model.logit_scale
         got = model(x)

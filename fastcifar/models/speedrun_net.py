@@ -16,6 +16,10 @@ About 1.97M trainable parameters and 0.12 GMAC per image forward. `stem="conv"` 
 design instead: a trainable conv3x3 3->32 + BN-ReLU at 32x32, maps of 16, 8 and 4 pixels, 0.15
 GMAC.
 
+Options for experiments (`--model-opt KEY=VALUE`): `residual=false` drops the three skips
+(airbench94's plain conv-pool-BN-act-conv-BN-act block); `dirac_init=true` starts each 3x3 conv
+as the identity on its first in_channels outputs, as airbench94 initialises its convs.
+
 Status: its time against the airbench94 baseline is NOT yet measured on a GPU, and the `fast`
 recipe below is still to be tuned there (see bench/README.md). CPU runs (fp32, seed 0, the JPEG
 copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
@@ -64,8 +68,9 @@ class Block(nn.Module):
     into the BN-ReLU kernel by NormAct.
     """
 
-    def __init__(self, c_in: int, c_out: int, dirac_init: bool = False):
+    def __init__(self, c_in: int, c_out: int, dirac_init: bool = False, residual: bool = True):
         super().__init__()
+        self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = NormAct(c_out)
@@ -77,7 +82,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(self.pool(self.conv1(x)))
-        return self.norm2(self.conv2(h), residual=h)
+        return self.norm2(self.conv2(h), residual=h if self.residual else None)
 
 
 @torch.no_grad()
@@ -144,7 +149,7 @@ STEMS = ("conv", "whiten")
 class SpeedrunNet(nn.Module):
     def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False):
+                 dirac_init: bool = False, residual: bool = True):
         super().__init__()
         w0, w1, w2, w3 = widths
         if stem == "conv":
@@ -164,9 +169,9 @@ class SpeedrunNet(nn.Module):
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
-        self.block1 = Block(w0, w1, dirac_init)
-        self.block2 = Block(w1, w2, dirac_init)
-        self.block3 = Block(w2, w3, dirac_init)
+        self.block1 = Block(w0, w1, dirac_init, residual)
+        self.block2 = Block(w1, w2, dirac_init, residual)
+        self.block3 = Block(w2, w3, dirac_init, residual)
         # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
         # a little more translation-robust than averaging for a net this shallow.
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -241,6 +246,6 @@ FAST = Recipe(
 )
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False) -> nn.Module:
+                 dirac_init: bool = False, residual: bool = True) -> nn.Module:
     return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
-                       num_classes=num_classes, stem=stem, dirac_init=dirac_init)
+                       num_classes=num_classes, stem=stem, dirac_init=dirac_init, residual=residual)
