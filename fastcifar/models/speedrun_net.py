@@ -34,6 +34,11 @@ copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
     ... 8 epochs, optimizer=muon, muon_lr=0.1         89.03%   train_cpu_speedrun_net_muon01_bias64_8.json
     ... the same without the BN shifts' own lr        89.03%   train_cpu_speedrun_net_muon01_8.json
     ... muon with muon_lr=0.2                         87.41%   train_cpu_speedrun_net_muon02_bias64_8.json
+    ... the default with dirac_init=true, 10 epochs   89.03%   train_cpu_speedrun_net_dirac_10.json
+    ... the same at 8 epochs                          88.06%   train_cpu_speedrun_net_dirac_8.json
+    ... residual=false, 10 epochs                     89.24%   train_cpu_speedrun_net_nores_10.json
+    ... residual=false, dirac_init=true, 10 epochs    89.31%   train_cpu_speedrun_net_nores_dirac_10.json
+    ... the same at 8 epochs                          NRD8     train_cpu_speedrun_net_nores_dirac_8.json
     airbench94 on the same copy (9.9 epochs)          90.59%   airbench_cpu_jpeg.json
 
 The whitening stem did as well with 0.78x the FLOPs (0.79x the CPU training time). The BN
@@ -41,7 +46,9 @@ shifts' own learning rate (bias_lr_scale=64) was worth a point at 10 epochs, wel
 seed's noise (about 0.25); the network is still 0.7 points behind airbench94 at about its epoch
 budget, so tuning on a GPU comes before record attempts. Muon on the conv filters was 0.26
 points ahead of SGD at 8 epochs, within that noise, so the recipe keeps SGD until several
-seeds on a GPU say otherwise (bench/README.md, `tune`).
+seeds on a GPU say otherwise (bench/README.md, `tune`). airbench94's block (no skips, convs
+started as the identity) lost 0.6 points at 10 epochs, and the identity start alone with the
+skips lost 0.7 to 0.9, so the skips and the random start stay.
 """
 from __future__ import annotations
 
