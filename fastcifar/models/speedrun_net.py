@@ -38,7 +38,7 @@ copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
     ... the same at 8 epochs                          88.06%   train_cpu_speedrun_net_dirac_8.json
     ... residual=false, 10 epochs                     89.24%   train_cpu_speedrun_net_nores_10.json
     ... residual=false, dirac_init=true, 10 epochs    89.31%   train_cpu_speedrun_net_nores_dirac_10.json
-    ... the same at 8 epochs                          NRD8     train_cpu_speedrun_net_nores_dirac_8.json
+    ... the same at 8 epochs                          88.57%   train_cpu_speedrun_net_nores_dirac_8.json
     airbench94 on the same copy (9.9 epochs)          90.59%   airbench_cpu_jpeg.json
 
 The whitening stem did as well with 0.78x the FLOPs (0.79x the CPU training time). The BN
@@ -47,8 +47,8 @@ seed's noise (about 0.25); the network is still 0.7 points behind airbench94 at 
 budget, so tuning on a GPU comes before record attempts. Muon on the conv filters was 0.26
 points ahead of SGD at 8 epochs, within that noise, so the recipe keeps SGD until several
 seeds on a GPU say otherwise (bench/README.md, `tune`). airbench94's block (no skips, convs
-started as the identity) lost 0.6 points at 10 epochs, and the identity start alone with the
-skips lost 0.7 to 0.9, so the skips and the random start stay.
+started as the identity) lost 0.6 points at 10 epochs and 0.2 at 8, and the identity start with
+the skips lost 0.9 and 0.7, so the skips and the random start stay.
 """
 from __future__ import annotations
 
