@@ -176,9 +176,9 @@ class SpeedrunNet(nn.Module):
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
-        self.block1 = Block(w0, w1, dirac_init, residual)
-        self.block2 = Block(w1, w2, dirac_init, residual)
-        self.block3 = Block(w2, w3, dirac_init, residual)
+        self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual)
+        self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual)
+        self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual)
         # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
         # a little more translation-robust than averaging for a net this shallow.
         self.pool = nn.AdaptiveMaxPool2d(1)
