@@ -279,22 +279,45 @@ class Lookahead:
     """Keeps a slow copy of the weights; every ``k`` optimizer steps
     ``slow += alpha * (fast - slow)`` and the fast weights restart from ``slow``.
 
+    With ``ramp`` (airbench94's schedule) alpha depends on the run's progress t (0 -> 1):
+    1 - (1 - alpha) * t**3, so early on the slow weights simply follow the fast ones (there
+    is nothing worth averaging yet) and the pull back towards them grows as the learning rate
+    anneals; BatchNorm's running statistics (``buffers``, floating-point ones) are averaged
+    and reset the same way, so that they describe the weights they sit with; and `finish()`
+    at the last step leaves the model on the slow weights.
+
     It wraps nothing: call `step()` after the inner optimizer's step, so that a GradScaler can
     keep driving the inner optimizer directly."""
 
-    def __init__(self, params, k: int, alpha: float):
+    def __init__(self, params, k: int, alpha: float, ramp: bool = False, buffers=()):
         self.params = [p for p in params if p.requires_grad]
-        self.k, self.alpha = int(k), float(alpha)
+        if ramp:    # the statistics travel with the weights (see above)
+            self.params += [b for b in buffers if b.is_floating_point()]
+        self.k, self.alpha, self.ramp = int(k), float(alpha), bool(ramp)
         self.slow = [p.detach().clone() for p in self.params]
         self.count = 0
 
+    def alpha_at(self, progress: float | None) -> float:
+        if not self.ramp or progress is None:
+            return self.alpha
+        return 1.0 - (1.0 - self.alpha) * min(max(progress, 0.0), 1.0) ** 3
+
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, progress: float | None = None) -> None:
+        """After an optimizer step; ``progress`` (steps done / total steps) drives the ramp."""
         self.count += 1
         if self.count % self.k:
             return
+        alpha = self.alpha_at(progress)
         for p, s in zip(self.params, self.slow):
-            s.add_(p - s, alpha=self.alpha)
+            s.add_(p - s, alpha=alpha)
+            p.copy_(s)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """End of training: the model takes the slow weights (the steps since the last sync
+        are dropped, as airbench94 does)."""
+        for p, s in zip(self.params, self.slow):
             p.copy_(s)
 
     def state_dict(self) -> dict:

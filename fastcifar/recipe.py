@@ -51,6 +51,8 @@ class Recipe:
     grad_clip_value: Optional[float] = None
     lookahead_k: int = 0                 # 0 = off; else Lookahead(k, alpha)
     lookahead_alpha: float = 0.5
+    lookahead_ramp: bool = False         # alpha from 1 down to lookahead_alpha as progress**3, BN
+                                         # statistics averaged too, run ends on the slow weights
     amp_epsilon: float = 0.0             # adversarial model perturbation radius; 0 = off
     amp_inner_lr: float = 1.0
     amp_inner_iters: int = 1
@@ -108,6 +110,8 @@ class Recipe:
             problems.append("amp_epsilon must be >= 0 and amp_inner_iters >= 1")
         if self.lookahead_k < 0 or not 0 < self.lookahead_alpha <= 1:
             problems.append("lookahead_k must be >= 0 and lookahead_alpha in (0, 1]")
+        if self.lookahead_ramp and self.lookahead_k == 0:
+            problems.append("lookahead_ramp needs lookahead_k > 0 (Lookahead is off)")
         if not 0 <= self.translate < 32 or not 0 <= self.cutout <= 32:
             problems.append("translate must be in 0..31 and cutout in 0..32 (pixels)")
         if problems:

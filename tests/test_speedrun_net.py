@@ -77,14 +77,17 @@ def _bn(norm, x):
             * norm.weight.view(shape) + norm.bias.view(shape))
 
 
-@pytest.mark.parametrize("stem,residual", [("whiten", True), ("conv", True), ("whiten", False)])
-def test_forward_is_the_documented_layout(stem, residual):
+@pytest.mark.parametrize("stem,residual,act", [("whiten", True, "relu"), ("conv", True, "relu"),
+                                              ("whiten", False, "relu"), ("whiten", True, "gelu")])
+def test_forward_is_the_documented_layout(stem, residual, act):
     """Eval-mode forward against the layout in the module docstring, written with functional ops:
     stem (2x2 whitening conv without padding, or conv3x3) then BN-ReLU; per block conv, 2x2 max
     pool, BN-ReLU, conv, BN, + skip (unless residual=False), ReLU; global max pool, bias-free
-    linear, times logit_scale."""
+    linear, times logit_scale. act="gelu" puts GELU wherever ReLU was."""
     torch.manual_seed(0)
-    model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem, residual=residual).eval()
+    model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem, residual=residual,
+                         act=act).eval()
+    f = F.relu if act == "relu" else F.gelu
     if stem == "whiten":
         model.init_from_data(_correlated_images(8))
     with torch.no_grad():
@@ -95,13 +98,13 @@ def test_forward_is_the_documented_layout(stem, residual):
                 m.running_var.uniform_(0.5, 2.0)
         x = torch.randn(3, 3, 32, 32)
         if stem == "whiten":
-            h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.conv.weight)))
+            h = f(_bn(model.stem_norm, F.conv2d(x, model.stem.conv.weight)))
             assert h.shape[1:] == (24, 31, 31)
         else:
-            h = F.relu(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
+            h = f(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
         for block in (model.block1, model.block2, model.block3):
-            h = F.relu(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
-            h = F.relu(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + (h if residual else 0))
+            h = f(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
+            h = f(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + (h if residual else 0))
         assert h.shape[-2:] == ((3, 3) if stem == "whiten" else (4, 4))
         want = h.amax(dim=(2, 3)) @ model.fc.weight.T * model.logit_scale
         got = model(x)
@@ -135,6 +138,22 @@ def test_whitening_stem_whitens_the_patches_it_was_given():
     raw = torch.cov(images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).T.double())
     assert torch.linalg.cond(raw) > 50                                     # the input was far from white
     assert not stem.conv.weight.requires_grad
+
+
+def test_gelu_keeps_the_weights_and_refuses_unknown_activations():
+    from fastcifar.errors import UserError
+
+    torch.manual_seed(0)
+    relu = create_model("speedrun_net")
+    torch.manual_seed(0)
+    gelu = create_model("speedrun_net", act="gelu")
+    assert relu.state_dict().keys() == gelu.state_dict().keys()     # checkpoints interchange
+    assert all(torch.equal(a, b) for a, b in zip(relu.state_dict().values(), gelu.state_dict().values()))
+    # GELU is applied after the norm, not fused: every NormAct of the GELU model skips its ReLU
+    assert all(not m.relu for m in gelu.modules() if isinstance(m, NormAct))
+    assert all(m.relu for m in relu.modules() if isinstance(m, NormAct))
+    with pytest.raises(UserError, match="unknown activation 'silu'"):
+        create_model("speedrun_net", act="silu")
 
 
 def test_whiten_stem_model_shapes_flops_and_bad_stem():

@@ -205,6 +205,30 @@ def test_lookahead_pulls_fast_weights_towards_slow():
     assert torch.equal(w.detach(), torch.ones(2)) and torch.equal(la.slow[0], torch.ones(2))
 
 
+def test_lookahead_ramp_follows_airbench_schedule_averages_statistics_and_finishes_on_slow():
+    w = nn.Parameter(torch.zeros(2))
+    stats, count = torch.zeros(2), torch.zeros((), dtype=torch.long)
+    la = Lookahead([w], k=1, alpha=0.25, ramp=True, buffers=[stats, count])
+    assert la.alpha_at(0.0) == 1.0 and la.alpha_at(1.0) == 0.25
+    assert la.alpha_at(0.5) == pytest.approx(1 - 0.75 * 0.125)      # cubic in the progress
+    assert Lookahead([w], k=1, alpha=0.25).alpha_at(0.5) == 0.25    # no ramp: constant
+    assert len(la.slow) == 2                    # the float buffer travels with the weights, the count not
+    with torch.no_grad():
+        w.add_(4.0)
+        stats.add_(8.0)
+    la.step(progress=0.0)                       # alpha 1: the slow copy jumps to the fast one
+    assert torch.equal(la.slow[0], torch.full((2,), 4.0)) and torch.equal(la.slow[1], torch.full((2,), 8.0))
+    with torch.no_grad():
+        w.add_(4.0)                             # fast at 8
+        stats.add_(8.0)                         # statistics at 16
+    la.step(progress=1.0)                       # alpha 0.25: slow = 4 + 0.25 * 4 = 5, stats 8 + 2 = 10
+    assert torch.equal(w.detach(), torch.full((2,), 5.0)) and torch.equal(stats, torch.full((2,), 10.0))
+    with torch.no_grad():
+        w.add_(100.0)
+    la.finish()                                 # the run ends on the slow weights
+    assert torch.equal(w.detach(), torch.full((2,), 5.0))
+
+
 def test_model_perturbation_stays_in_ball_raises_loss_and_restores():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -279,6 +303,29 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("optim_data"), n_train=256, n_test=50)
 
 
+def test_lookahead_ramp_run_ends_on_the_slow_weights(data, tmp_path):
+    from fastcifar.models import create_model
+    from fastcifar.train import train
+    from train_helpers import MODEL, TINY
+
+    over = dict(epochs=1, lookahead_k=3, lookahead_alpha=0.2, lookahead_ramp=True)
+    s = train(small_config(data, tmp_path / "run", overrides=over))
+    assert s["status"] == "completed" and s["steps"] == 4            # 256 images, batch 64: 4 steps
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ckpt["lookahead"]["count"] == 4
+    # Lookahead's copies, in its order: trainable weights, then floating-point buffers
+    model = create_model(MODEL, **TINY)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names += [n for n, b in model.named_buffers() if b.is_floating_point()]
+    slow = ckpt["lookahead"]["slow"]
+    assert len(slow) == len(names) and any("running_var" in n for n in names)
+    # the last sync was at step 3; the model is the slow copy, not where step 4 left it
+    for name, value in zip(names, slow):
+        assert torch.equal(ckpt["model"][name], value), name
+    with pytest.raises(UserError, match="lookahead_ramp needs lookahead_k"):
+        Recipe(lookahead_ramp=True).validate()
+
+
 PATHS = {
     "sgd_nesterov": dict(optimizer="sgd", nesterov=True),
     "adam": dict(optimizer="adam", lr=1e-3),
@@ -288,6 +335,7 @@ PATHS = {
     "plateau": dict(schedule="plateau"),
     "linear": dict(schedule="linear", warmup_epochs=1),
     "lookahead": dict(lookahead_k=2, lookahead_alpha=0.5),
+    "lookahead_ramp": dict(lookahead_k=2, lookahead_alpha=0.25, lookahead_ramp=True),
     "amp_perturbation": dict(amp_epsilon=0.1, amp_inner_lr=0.05, amp_inner_iters=2),
     "ema_tta": dict(ema=0.9, tta="flip_translate"),
     "clip_norm_value_smoothing": dict(grad_clip_norm=1.0, grad_clip_value=0.5, label_smoothing=0.1),
@@ -361,7 +409,7 @@ def test_training_path_runs(data, tmp_path, monkeypatch, name):
     assert calls["perturb"] == (2 if recipe.amp_epsilon > 0 else 0)
     assert calls["lookahead"] == (2 if recipe.lookahead_k > 0 else 0)
     assert calls["ema"] == (2 if recipe.ema > 0 else 0)
-    if name == "lookahead":
+    if name.startswith("lookahead"):
         assert ckpt["lookahead"]["count"] == 2
     assert (ckpt["ema"] is not None) == (recipe.ema > 0)
     assert len(smoothing) >= 2 and set(smoothing) == {recipe.label_smoothing}

@@ -18,7 +18,9 @@ GMAC.
 
 Options for experiments (`--model-opt KEY=VALUE`): `residual=false` drops the three skips
 (airbench94's plain conv-pool-BN-act-conv-BN-act block); `dirac_init=true` starts each 3x3 conv
-as the identity on its first in_channels outputs, as airbench94 initialises its convs.
+as the identity on its first in_channels outputs, as airbench94 initialises its convs;
+`act=gelu` puts airbench94's GELU wherever ReLU is (not fused into the BN kernels: one more
+elementwise pass per BatchNorm on the eager and triton backends).
 
 Status: its time against the airbench94 baseline is NOT yet measured on a GPU, and the `fast`
 recipe below is still to be tuned there (see bench/README.md). CPU runs (fp32, seed 0, the JPEG
@@ -70,26 +72,47 @@ class Block(nn.Module):
     family as conv-BN-ReLU-pool at a quarter of the elementwise cost (only BN's batch statistics
     are taken over the pooled pixels instead).
 
+    (With act="gelu" the pooling no longer commutes exactly, GELU not being increasing below
+    -0.75; airbench94 pools in the same place with GELU.)
+
     The identity skip around the second conv (no projection needed: same width and size) gives
     the short schedule a well-conditioned path for gradients at almost no cost; the add is fused
     into the BN-ReLU kernel by NormAct.
     """
 
-    def __init__(self, c_in: int, c_out: int, dirac_init: bool = False, residual: bool = True):
+    def __init__(self, c_in: int, c_out: int, dirac_init: bool = False, residual: bool = True,
+                 act: str = "relu"):
         super().__init__()
         self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = NormAct(c_out)
+        self.norm1, self.act1 = norm_act(c_out, act)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2 = NormAct(c_out)
+        self.norm2, self.act2 = norm_act(c_out, act)
         if dirac_init:
             for conv in (self.conv1, self.conv2):
                 identity_init_(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(self.pool(self.conv1(x)))
-        return self.norm2(self.conv2(h), residual=h if self.residual else None)
+        h = self.act1(self.norm1(self.pool(self.conv1(x))))
+        return self.act2(self.norm2(self.conv2(h), residual=h if self.residual else None))
+
+
+ACTIVATIONS = ("relu", "gelu")
+
+
+def norm_act(channels: int, act: str) -> tuple[NormAct, nn.Module]:
+    """BatchNorm (+ skip) and the activation after it, as (norm, activation) modules.
+
+    ReLU is fused into NormAct (one kernel with the BN and the skip's add); the activation
+    module is then the identity. GELU, airbench94's activation, is not in the fused kernels:
+    NormAct does BN (+ skip) and a separate nn.GELU follows (one more elementwise pass, which
+    torch.compile fuses on the compiled backends)."""
+    if act not in ACTIVATIONS:
+        raise UserError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if act == "relu":
+        return NormAct(channels), nn.Identity()
+    return NormAct(channels, relu=False), nn.GELU()
 
 
 @torch.no_grad()
@@ -156,7 +179,7 @@ STEMS = ("conv", "whiten")
 class SpeedrunNet(nn.Module):
     def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False, residual: bool = True):
+                 dirac_init: bool = False, residual: bool = True, act: str = "relu"):
         super().__init__()
         w0, w1, w2, w3 = widths
         if stem == "conv":
@@ -172,13 +195,13 @@ class SpeedrunNet(nn.Module):
             w0 = self.stem.out_channels
         else:
             raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-        self.stem_norm = NormAct(w0)
+        self.stem_norm, self.stem_act = norm_act(w0, act)
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
-        self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual)
-        self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual)
-        self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual)
+        self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual, act=act)
+        self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual, act=act)
+        self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual, act=act)
         # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
         # a little more translation-robust than averaging for a net this shallow.
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -204,7 +227,7 @@ class SpeedrunNet(nn.Module):
             self.stem.init_from_data(images)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_norm(self.stem(x))
+        x = self.stem_act(self.stem_norm(self.stem(x)))
         x = self.block3(self.block2(self.block1(x)))
         x = self.pool(x).flatten(1)
         return self.fc(x) * self.logit_scale
@@ -253,6 +276,7 @@ FAST = Recipe(
 )
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False, residual: bool = True) -> nn.Module:
+                 dirac_init: bool = False, residual: bool = True, act: str = "relu") -> nn.Module:
     return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
-                       num_classes=num_classes, stem=stem, dirac_init=dirac_init, residual=residual)
+                       num_classes=num_classes, stem=stem, dirac_init=dirac_init, residual=residual,
+                       act=act)

@@ -49,7 +49,7 @@ def recipe_summary(r: Recipe, mark_unstated: bool = True) -> str:
     if r.grad_clip_norm is not None:
         parts.append(f"clip-norm {r.grad_clip_norm:g}")
     if r.lookahead_k:
-        parts.append(f"lookahead k={r.lookahead_k}")
+        parts.append(f"lookahead k={r.lookahead_k}" + (" ramped" if r.lookahead_ramp else ""))
     if r.amp_epsilon:
         parts.append(f"AMP eps={r.amp_epsilon:g}")
     if r.label_smoothing:
