@@ -304,21 +304,21 @@ class Lookahead:
 
     @torch.no_grad()
     def step(self, progress: float | None = None) -> None:
-        """After an optimizer step; ``progress`` (steps done / total steps) drives the ramp."""
+        """After an optimizer step; ``progress`` (steps done / total steps) drives the ramp,
+        and with the ramp, progress 1 (the last step) ends on the slow weights (`finish`)."""
         self.count += 1
-        if self.count % self.k:
-            return
-        alpha = self.alpha_at(progress)
-        for p, s in zip(self.params, self.slow):
-            s.add_(p - s, alpha=alpha)
-            p.copy_(s)
+        if self.count % self.k == 0:
+            # two multi-tensor ops for all tensors, not two kernels per tensor
+            torch._foreach_lerp_(self.slow, self.params, self.alpha_at(progress))
+            self.finish()
+        elif self.ramp and progress is not None and progress >= 1:
+            self.finish()
 
     @torch.no_grad()
     def finish(self) -> None:
-        """End of training: the model takes the slow weights (the steps since the last sync
-        are dropped, as airbench94 does)."""
-        for p, s in zip(self.params, self.slow):
-            p.copy_(s)
+        """The model takes the slow weights (at the end of a ramped run the steps since the
+        last sync are dropped, as airbench94 does)."""
+        torch._foreach_copy_(self.params, self.slow)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "slow": [s.clone() for s in self.slow]}

@@ -40,7 +40,6 @@ class TrainStep:
         self.lookahead = (Lookahead(self.params, recipe.lookahead_k, recipe.lookahead_alpha,
                                     ramp=recipe.lookahead_ramp, buffers=list(model.buffers()))
                           if recipe.lookahead_k > 0 else None)
-        self.total_steps = int(total_steps)
         self.perturb = (ModelPerturbation(self.params, list(model.buffers()), recipe.amp_epsilon,
                                           recipe.amp_inner_lr, recipe.amp_inner_iters)
                         if recipe.amp_epsilon > 0 else None)
@@ -82,9 +81,7 @@ class TrainStep:
         self.scaler.step(optimizer)
         self.scaler.update()
         if self.lookahead is not None:
-            self.lookahead.step(progress=(step_index + 1) / self.total_steps)
-            if self.lookahead.ramp and step_index + 1 == self.total_steps:
-                self.lookahead.finish()
+            self.lookahead.step(progress=(step_index + 1) / self.schedule.total)
         if self.ema is not None:
             self.ema.update(self.model, step=step_index)
         return loss.detach(), logits.detach()
