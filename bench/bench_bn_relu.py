@@ -1,16 +1,16 @@
-"""Benchmark the fused BatchNorm(+add)+ReLU kernels against cuDNN and torch.compile.
+"""Benchmark the fused BatchNorm(+add)+activation kernels against cuDNN and torch.compile.
 
     python bench/bench_bn_relu.py            # CUDA GPU; writes bench/results/bn_relu_<gpu>.json
     python bench/bench_bn_relu.py --dry-run  # CPU: same code paths, tiny shapes, interpreter
 
 What it measures (training mode, fp16, channels-last, batch 512 unless told otherwise):
 
-1. Every distinct BatchNorm shape of the model zoo: (C, H, W, residual?, relu?) collected with
-   forward hooks on each model's NormAct / BatchNorm2d modules at batch 1 on the CPU, weighted
-   by how many layers of the zoo have it. For each, forward+backward time (median of
-   triton.testing.do_bench) of
+1. Every distinct BatchNorm shape of the model zoo: (C, H, W, residual?, activation) collected
+   with forward hooks on each model's NormAct / BatchNorm2d modules at batch 1 on the CPU,
+   weighted by how many layers of the zoo have it (`--act gelu` times GELU wherever the zoo
+   has ReLU). For each, forward+backward time (median of triton.testing.do_bench) of
      fused     kernels.bn_relu
-     eager     F.batch_norm (cuDNN) then ReLU, or then add then ReLU
+     eager     F.batch_norm (cuDNN) then the activation, or then add then the activation
      compiled  torch.compile of that eager function
    Each call takes its inputs from the next of several buffer sets, together larger than twice
    the L2 cache, so a timed call never finds its inputs in L2 (do_bench also flushes L2).
@@ -20,8 +20,9 @@ What it measures (training mode, fp16, channels-last, batch 512 unless told othe
    so the input is read once per pass:
      forward   read x (statistics), read x (+ residual), write y          3E (4E)
      backward  read dy, x (sums); read dy, x, write dx                    5E
-               relu with residual: + read y for the mask, + write dres    7E
-               (residual without relu: dres is dy itself, 5E)
+               activation with residual: + read y (ReLU's mask) or the
+               residual (GELU's z), + write dres                          7E
+               (residual without activation: dres is dy itself, 5E)
    The same byte count is used for every implementation, so GB/s compares times.
    Shapes run largest share of the zoo's bytes first; after --shape-time-limit seconds the
    rest are listed as skipped (each shape costs a torch.compile), so one run fits 10 minutes.
@@ -63,8 +64,9 @@ from fastcifar.machine import command_line, device_name, machine_info, versions 
 from fastcifar.results import device_slug, now_iso, write_result  # noqa: E402
 from kernels import bn_relu  # noqa: E402
 
-# Used only when the model zoo cannot be imported: (C, H, W, residual, relu) -> number of
-# layers, as zoo_shapes() found them over all eight zoo models when this file was written.
+# Used only when the model zoo cannot be imported: (C, H, W, residual, relu?) -> number of
+# layers, as zoo_shapes() found them over all eight zoo models when this file was written
+# (zoo_shapes turns the flag into the activation's name).
 FALLBACK_SHAPES = {
     (16, 32, 32, False, True): 2, (32, 32, 32, False, True): 9, (32, 32, 32, True, True): 6,
     (64, 16, 16, False, False): 1, (64, 16, 16, False, True): 6, (64, 16, 16, True, True): 6,
@@ -89,22 +91,23 @@ FALLBACK_SHAPES = {
 # ------------------------------------------------------------------------------------------
 
 def zoo_shapes(only: list[str] | None = None) -> tuple[dict, str]:
-    """{(C, H, W, residual, relu): layer count over the zoo (or the models in `only`)}, and
-    where it came from."""
+    """{(C, H, W, residual, act): layer count over the zoo (or the models in `only`)}, act
+    "relu", "gelu" or None, and where it came from."""
     try:
         from fastcifar.models import create_model, model_names
     except Exception as e:  # the zoo is optional for this benchmark
         print(f"model zoo not importable ({e}); using the built-in shape list", file=sys.stderr)
-        return dict(FALLBACK_SHAPES), "fallback list"
+        return ({(C, H, W, r, "relu" if relu else None): n
+                 for (C, H, W, r, relu), n in FALLBACK_SHAPES.items()}, "fallback list")
     names = only or model_names()
     counts = collections.Counter()
 
     def hook(module, args, kwargs):
         x = args[0]
         residual = kwargs.get("residual", args[1] if len(args) > 1 else None)
-        relu = bool(getattr(module, "relu", False))   # a bare BatchNorm2d has no ReLU
+        act = getattr(module, "act", None)     # a bare BatchNorm2d has no activation
         C, H, W = x.shape[1:]
-        counts[(C, H, W, residual is not None, relu)] += 1
+        counts[(C, H, W, residual is not None, act)] += 1
 
     for name in names:
         model = create_model(name).eval()
@@ -117,11 +120,11 @@ def zoo_shapes(only: list[str] | None = None) -> tuple[dict, str]:
     return dict(counts), "fastcifar.models (" + ", ".join(names) + ")"
 
 
-def min_bytes(numel: int, itemsize: int, residual: bool, relu: bool) -> dict:
+def min_bytes(numel: int, itemsize: int, residual: bool, act: str | None) -> dict:
     """Minimum bytes forward and backward must move (see the module docstring)."""
     E = numel * itemsize
     fwd = (4 if residual else 3) * E
-    bwd = (7 if residual and relu else 5) * E
+    bwd = (7 if residual and act else 5) * E
     return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd}
 
 
@@ -170,18 +173,20 @@ def l2_bytes(device) -> int:
     return 1 << 20
 
 
-def eager_bn_act(x, w, b, rm, rv, residual, relu):
+def eager_bn_act(x, w, b, rm, rv, residual, act):
     y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)   # cuDNN on a GPU
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    if act == "relu":
+        return F.relu(y)
+    return F.gelu(y) if act == "gelu" else y
 
 
-def fused_bn_act(x, w, b, rm, rv, residual, relu):
-    return bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, residual=residual, relu=relu)
+def fused_bn_act(x, w, b, rm, rv, residual, act):
+    return bn_relu(x, w, b, rm, rv, True, 0.1, 1e-5, residual=residual, act=act)
 
 
-def time_shape(impls: dict, N, C, H, W, residual, relu, device, dtype, quick) -> dict:
+def time_shape(impls: dict, N, C, H, W, residual, act, device, dtype, quick) -> dict:
     """Forward+backward milliseconds of each implementation on one shape, or the error it
     raised (as "ExceptionType: message")."""
     numel = N * C * H * W
@@ -206,7 +211,7 @@ def time_shape(impls: dict, N, C, H, W, residual, relu, device, dtype, quick) ->
         def step(fn=fn):
             x, r, dy = sets[i[0] % n_sets]
             i[0] += 1
-            y = fn(x, w, b, rm, rv, r, relu)
+            y = fn(x, w, b, rm, rv, r, act)
             inputs = [x, w, b] + ([r] if residual else [])
             torch.autograd.grad(y, inputs, dy)
 
@@ -289,6 +294,9 @@ def main(argv=None) -> dict:
                         "of their share of the zoo's bytes, so the skipped ones matter least; "
                         "each needs its own torch.compile). Default 330, leaving a 10-minute "
                         "run time for the training steps")
+    p.add_argument("--act", choices=("relu", "gelu"), default="relu",
+                   help="activation in every shape where the zoo has one (default relu, as "
+                        "the zoo; gelu times speedrun_net's act=gelu option)")
     p.add_argument("--skip-train-step", action="store_true", help="only the per-shape table")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     args = p.parse_args(argv)
@@ -300,6 +308,11 @@ def main(argv=None) -> dict:
     batch, quick = args.batch, args.quick or args.dry_run
     torch._dynamo.config.cache_size_limit = 256            # one compile per shape
     shapes, source = zoo_shapes(args.models.split(",") if args.models else None)
+    if args.act != "relu":
+        merged = collections.Counter()
+        for (C, H, W, r, a), n in shapes.items():
+            merged[(C, H, W, r, args.act if a else None)] += n
+        shapes = dict(merged)
     if args.dry_run:   # tiny versions of a few zoo shapes: channel counts kept, H=W<=2, batch 2
         batch = 2
         picked = sorted(shapes, key=lambda s: -shapes[s])[:3]
@@ -323,7 +336,8 @@ def main(argv=None) -> dict:
         "machine": machine_info(device),
         "complete": False, "shape_source": source, "copy_GBps": copy_gbps,
         "matmul_TFLOPs": mm_tflops, "matmul": "8192^3 fp16 (512^3 fp32 on CPU), random data",
-        "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and relu); "
+        "act": args.act,
+        "bytes_model": "fwd 3E (+E residual); bwd 5E (7E with residual and activation); "
                        "E = N*C*H*W*itemsize",
         "shapes": rows, "shapes_skipped_for_time": skipped,
         "summary": summarize(rows, impls, copy_gbps, len(shapes), n_layers),
@@ -333,18 +347,18 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     # biggest share of the zoo's traffic first: layer count x activation size
     order = sorted(shapes.items(), key=lambda kv: -kv[1] * kv[0][0] * kv[0][1] * kv[0][2])
-    for (C, H, W, residual, relu), count in order:
+    for (C, H, W, residual, act), count in order:
         if rows and time.perf_counter() - t0 > args.shape_time_limit:
-            skipped.append({"C": C, "H": H, "W": W, "residual": residual, "relu": relu,
+            skipped.append({"C": C, "H": H, "W": W, "residual": residual, "act": act,
                             "count": count})
             continue
         numel = batch * C * H * W
-        nbytes = min_bytes(numel, dtype.itemsize, residual, relu)
-        row = {"N": batch, "C": C, "H": H, "W": W, "residual": residual, "relu": relu,
+        nbytes = min_bytes(numel, dtype.itemsize, residual, act)
+        row = {"N": batch, "C": C, "H": H, "W": W, "residual": residual, "act": act,
                "count": count, "min_bytes": nbytes["total"],
                "min_bytes_fwd": nbytes["fwd"], "min_bytes_bwd": nbytes["bwd"]}
         try:
-            ms = time_shape(impls, batch, C, H, W, residual, relu, device, dtype, quick)
+            ms = time_shape(impls, batch, C, H, W, residual, act, device, dtype, quick)
         except Exception as e:   # e.g. out of memory making the inputs
             ms = {k: f"{type(e).__name__}: {e}" for k in impls}
             traceback.print_exc()
@@ -359,7 +373,7 @@ def main(argv=None) -> dict:
         rows.append(row)
         result["summary"] = summarize(rows, impls, copy_gbps, len(shapes), n_layers)
         write_result(out_path, result)
-        print(f"  C={C:4d} {H:2d}x{W:<2d} res={int(residual)} relu={int(relu)} x{count:<3d} "
+        print(f"  C={C:4d} {H:2d}x{W:<2d} res={int(residual)} act={act or 'none'} x{count:<3d} "
               + "  ".join(f"{k} {v:8.3f} ms" if not isinstance(v, str) else f"{k} FAILED"
                           for k, v in ms.items()), file=sys.stderr)
 
@@ -383,13 +397,13 @@ def main(argv=None) -> dict:
 
     print(f"\n{name}  ({'DRY RUN: interpreter timings, meaningless' if args.dry_run else dtype})"
           f"  copy bandwidth {copy_gbps:.0f} GB/s  matmul {mm_tflops:.1f} TFLOP/s  -> {out_path}")
-    print(f"{'C':>5} {'HxW':>5} {'res':>3} {'relu':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
+    print(f"{'C':>5} {'HxW':>5} {'res':>3} {'act':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
           f"{'compiled':>8} {'fused GB/s':>10} {'%copy':>6}")
     def cell(r, key, width, fmt):
         return format(r[key], fmt).rjust(width) if key in r else "failed".rjust(width)
 
     for r in rows:
-        print(f"{r['C']:5d} {r['H']:>2}x{r['W']:<2} {int(r['residual']):3d} {int(r['relu']):4d} "
+        print(f"{r['C']:5d} {r['H']:>2}x{r['W']:<2} {int(r['residual']):3d} {r['act'] or 'none':>4} "
               f"{r['count']:3d} {cell(r, 'fused_ms', 9, '.3f')} {cell(r, 'eager_ms', 8, '.3f')} "
               f"{cell(r, 'compiled_ms', 8, '.3f')} {cell(r, 'fused_GBps', 10, '.0f')} "
               f"{cell(r, 'fused_frac_of_copy_bw', 5, '.0%')}")

@@ -19,6 +19,7 @@
 #                       in <= 60 s; exits 1 naming what is missing       -> preflight.json
 #   env                 versions, nvidia-smi                             -> env.json
 #   kernels             GPU tests + bench/bench_bn_relu.py (all shapes)  -> pytest_gpu.xml, bench_bn_relu.json
+#                       (BN_ACT=gelu: GELU wherever the zoo has ReLU     -> bench_bn_relu_gelu.json)
 #   loaders             bench/bench_loaders.py                           -> bench_loaders.json
 #   train [MODEL...]    bench/bench_train.py (all zoo models by default) -> bench_train.json
 #   calibrate           `fastcifar calibrate`: airbench94 alone, $CAL_RUNS runs -> calibrate_airbench.json
@@ -83,6 +84,7 @@ EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe over
 NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net model options (speedrun, tune)
 GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
+BN_ACT=${BN_ACT:-relu}                           # bench_bn_relu's activation: relu, or gelu (-> bench_bn_relu_gelu.json)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # Compile caches carried from call to call. A GPU node starts with empty caches, so every call
@@ -197,7 +199,8 @@ bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per B
   # stop starting shapes early enough that the two compiled resnet_2111 train steps after them
   # (~4 minutes with compilation, an estimate) still fit
   local shape_s=$(( $(left) - 240 )); [ "$shape_s" -ge 30 ] || shape_s=30
-  step $PY bench/bench_bn_relu.py --shape-time-limit "$shape_s" "$@" --out "$OUT/bench_bn_relu.json"
+  local name=bench_bn_relu; [ "$BN_ACT" = relu ] || name=bench_bn_relu_$BN_ACT
+  step $PY bench/bench_bn_relu.py --act "$BN_ACT" --shape-time-limit "$shape_s" "$@" --out "$OUT/$name.json"
 }
 
 stage_kernels() { gpu_tests 240; bn_relu; }

@@ -104,12 +104,12 @@ def bn_relu_section(f: Path, d: dict) -> list[str]:
            f"forward+backward ms per call (median); copy bandwidth {d['copy_GBps']:.0f} GB/s"
            + (f", dense matrix product {_rate(d['matmul_TFLOPs'])} TFLOP/s" if d.get("matmul_TFLOPs") else "")
            + ("" if d.get("complete") else "; **incomplete file** (the run was cut short)"), ""]
-    rows = [[str(r["C"]), f"{r['H']}×{r['W']}", "yes" if r["residual"] else "no", "yes" if r["relu"] else "no",
+    rows = [[str(r["C"]), f"{r['H']}×{r['W']}", "yes" if r["residual"] else "no", r["act"] or "none",
              str(r["count"]), _ms(r, "fused"), _ms(r, "eager"), _ms(r, "compiled"),
              f"{r['fused_GBps']:.0f}" if "fused_GBps" in r else "-",
              f"{100 * r['fused_frac_of_copy_bw']:.0f}%" if "fused_frac_of_copy_bw" in r else "-"]
             for r in d["shapes"]]
-    out += _table(["C", "H×W", "residual", "ReLU", "layers", "Triton ms", "cuDNN ms", "compile ms",
+    out += _table(["C", "H×W", "residual", "activation", "layers", "Triton ms", "cuDNN ms", "compile ms",
                    "Triton GB/s", "of copy"], rows)
     s = d.get("summary") or {}
     if s.get("zoo_weighted_ms"):

@@ -1,7 +1,8 @@
-"""Fused BatchNorm + (residual add) + ReLU: launch geometry, launchers, torch ops and `bn_relu`.
+"""Fused BatchNorm + (residual add) + activation: launch geometry, launchers, torch ops and
+`bn_relu`.
 
     y = bn_relu(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                residual=None, relu=True, num_batches_tracked=None)
+                residual=None, act="relu", num_batches_tracked=None)    # act: relu|gelu|None
 
 The device code is in kernels/bn_kernels.py (what each pass reads and writes, and why); this
 module decides how a tensor maps onto those kernels and wraps them as three torch ops:
@@ -47,7 +48,7 @@ import triton
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
-from kernels.bn_kernels import (MASK_FROM_X, MASK_FROM_Y, MASK_NONE, bwd_dx_kernel,
+from kernels.bn_kernels import (ACT_GELU, ACT_NONE, ACT_RELU, bwd_dx_kernel,
                                 bwd_finalize_kernel, bwd_reduce_kernel, fwd_apply_kernel,
                                 fwd_finalize_kernel, fwd_stats_kernel)
 
@@ -66,8 +67,9 @@ POISON = os.environ.get("FASTCIFAR_POISON", "0") == "1"
 # tile (elements per tile). Part of the geometry cache's key.
 CONFIG_OVERRIDE: dict = {}
 
-_MASK_NONE, _MASK_FROM_Y, _MASK_FROM_X = (int(m.value) for m in (MASK_NONE, MASK_FROM_Y,
-                                                                  MASK_FROM_X))
+# The activations by name, as the ops take them, and their codes in the kernels (ACT).
+ACTIVATIONS = {"none": int(ACT_NONE.value), "relu": int(ACT_RELU.value),
+               "gelu": int(ACT_GELU.value)}
 
 if VISIBLE_TO_COMPILER:
     from torch.library import wrap_triton
@@ -247,9 +249,10 @@ def stats_(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tens
 
 
 def apply(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
-          residual: Optional[Tensor], training: bool, eps: float, relu: bool) -> Tensor:
-    """y = relu((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's layout.
-    (`training` only tells the backward whether mean/var are x's batch statistics.)"""
+          residual: Optional[Tensor], training: bool, eps: float, act: str) -> Tensor:
+    """y = act((x - mean) / sqrt(var + eps) * weight + bias + residual), in x's layout, act
+    one of ACTIVATIONS. (`training` only tells the backward whether mean/var are x's batch
+    statistics.)"""
     _check_device(x)
     if x.numel() == 0:      # eval on an empty batch (training raised before getting here)
         return torch.empty_like(x)
@@ -257,32 +260,33 @@ def apply(x: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     y = _empty(x)
     wrap_triton(fwd_apply_kernel)[g.tile_grid](
         x, residual if residual is not None else x, y, mean, var, weight, bias,
-        g.S, g.C, eps, HAS_RES=residual is not None, RELU=relu,
+        g.S, g.C, eps, HAS_RES=residual is not None, ACT=ACTIVATIONS[act],
         BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
         num_warps=g.num_warps)
     return y
 
 
-def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, bias: Tensor,
-             mean: Tensor, var: Tensor, training: bool, eps: float, relu: bool,
+def backward(dy: Tensor, x: Tensor, aux: Optional[Tensor], weight: Tensor, bias: Tensor,
+             mean: Tensor, var: Tensor, training: bool, eps: float, act: str,
              has_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dx, dweight, dbias, and d_residual (= dy', only when relu and residual, else empty).
-    `mean`/`var` are the batch statistics in training, the running ones in eval; `y` is the
-    saved output, needed only for relu with a residual."""
+    """dx, dweight, dbias, and d_residual (= dy', only with an activation and a residual,
+    else empty). `mean`/`var` are the batch statistics in training, the running ones in eval;
+    `aux` is what the activation's gradient reads with a residual (`saved_for_backward`): the
+    output y for ReLU, the residual for GELU; None otherwise."""
     _check_device(x)
+    write_dres = act != "none" and has_residual
     if x.numel() == 0:
-        dres = torch.empty_like(x) if relu and has_residual else x.new_empty(0)
+        dres = torch.empty_like(x) if write_dres else x.new_empty(0)
         return torch.empty_like(x), torch.zeros_like(weight), torch.zeros_like(bias), dres
     g = geometry(x)
-    mask_from = (_MASK_FROM_Y if has_residual else _MASK_FROM_X) if relu else _MASK_NONE
-    write_dres = mask_from == _MASK_FROM_Y
+    code = ACTIVATIONS[act]
     dres = _empty(x) if write_dres else x.new_empty(0)
     dx = _empty(x)
     part = _empty((2, g.P, g.C), device=x.device, dtype=torch.float32)
     wrap_triton(bwd_reduce_kernel)[g.reduce_grid](
-        dy, x, y if y is not None else x, dres if write_dres else x, dx, mean, var, weight,
-        bias, part, g.S, g.C, g.n_blocks, eps, MASK_FROM=mask_from, WRITE_DX=not training,
-        BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
+        dy, x, aux if aux is not None else x, dres if write_dres else x, dx, mean, var, weight,
+        bias, part, g.S, g.C, g.n_blocks, eps, ACT=code, HAS_RES=write_dres,
+        WRITE_DX=not training, BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
         num_warps=g.num_warps)
     dweight, dbias = _empty(weight), _empty(bias)
     wrap_triton(bwd_finalize_kernel)[g.merge_grid](
@@ -291,7 +295,7 @@ def backward(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Tensor, bias: T
     if training:
         wrap_triton(bwd_dx_kernel)[g.tile_grid](
             dres if write_dres else dy, x, dx, mean, var, weight, bias, dweight, dbias,
-            g.S, g.C, 1.0 / g.count, eps, MASK_FROM=_MASK_NONE if write_dres else mask_from,
+            g.S, g.C, 1.0 / g.count, eps, ACT=ACTIVATIONS["none"] if write_dres else code,
             BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
             num_warps=g.num_warps)
     return dx, dweight, dbias, dres
@@ -316,12 +320,12 @@ def _stats_fake(x, running_mean, running_var, num_batches_tracked, momentum, cum
     return x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
 
-def _apply_fake(x, weight, bias, mean, var, residual, training, eps, relu):
+def _apply_fake(x, weight, bias, mean, var, residual, training, eps, act):
     return torch.empty_like(x)
 
 
-def _backward_fake(dy, x, y, weight, bias, mean, var, training, eps, relu, has_residual):
-    dres = torch.empty_like(x) if relu and has_residual else x.new_empty(0)
+def _backward_fake(dy, x, aux, weight, bias, mean, var, training, eps, act, has_residual):
+    dres = torch.empty_like(x) if act != "none" and has_residual else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dres
 
 
@@ -332,25 +336,28 @@ bn_relu_backward = _define("fastcifar::bn_relu_backward", backward, (), _backwar
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, mean, var, residual, training, eps, relu = inputs
-    ctx.training, ctx.eps, ctx.relu = training, eps, relu
+    x, weight, bias, mean, var, residual, training, eps, act = inputs
+    ctx.training, ctx.eps, ctx.act = training, eps, act
     ctx.has_residual = residual is not None
     ctx.channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    # y is only read back for relu with a residual (see bn_kernels' docstring)
-    keep_y = output if relu and residual is not None else None
-    ctx.save_for_backward(x, weight, bias, mean, var, keep_y)
+    # with a residual the activation's gradient reads y (ReLU) or the residual (GELU); see
+    # bn_kernels' docstring
+    aux = None
+    if residual is not None:
+        aux = {"relu": output, "gelu": residual}.get(act)
+    ctx.save_for_backward(x, weight, bias, mean, var, aux)
 
 
 def _grads(ctx, dy, run_backward):
-    """The gradients of (x, weight, bias, mean, var, residual, training, eps, relu)."""
-    x, weight, bias, mean, var, y = ctx.saved_tensors
+    """The gradients of (x, weight, bias, mean, var, residual, training, eps, act)."""
+    x, weight, bias, mean, var, aux = ctx.saved_tensors
     fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
     if not dy.is_contiguous(memory_format=fmt):     # e.g. the expanded grad of a .sum()
         dy = dy.contiguous(memory_format=fmt)
     dx, dweight, dbias, dres = run_backward(
-        dy, x, y, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu, ctx.has_residual)
-    if ctx.has_residual and not ctx.relu:
-        dres = dy           # no ReLU: the residual's gradient is dy itself, no copy
+        dy, x, aux, weight, bias, mean, var, ctx.training, ctx.eps, ctx.act, ctx.has_residual)
+    if ctx.has_residual and ctx.act == "none":
+        dres = dy           # no activation: the residual's gradient is dy itself, no copy
     # mean/var get none: in training the formula already differentiates through them
     return (dx, dweight, dbias, None, None, dres if ctx.has_residual else None,
             None, None, None)
@@ -369,9 +376,9 @@ class _EagerBNReLU(torch.autograd.Function):
     argument's default, bumping version counters) costs more than the launches themselves."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, residual, training, eps, relu):
-        y = apply(x, weight, bias, mean, var, residual, training, eps, relu)
-        _setup_context(ctx, (x, weight, bias, mean, var, residual, training, eps, relu), y)
+    def forward(ctx, x, weight, bias, mean, var, residual, training, eps, act):
+        y = apply(x, weight, bias, mean, var, residual, training, eps, act)
+        _setup_context(ctx, (x, weight, bias, mean, var, residual, training, eps, act), y)
         return y
 
     @staticmethod
@@ -389,18 +396,22 @@ def _dense_like(t: Tensor, fmt) -> Tensor:
 
 def bn_relu(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor],
             running_var: Optional[Tensor], training: bool, momentum: Optional[float] = 0.1,
-            eps: float = 1e-5, residual: Optional[Tensor] = None, relu: bool = True,
+            eps: float = 1e-5, residual: Optional[Tensor] = None, act: Optional[str] = "relu",
             num_batches_tracked: Optional[Tensor] = None) -> Tensor:
-    """relu(batch_norm(x) + residual), with autograd; residual and relu optional.
+    """act(batch_norm(x) + residual), with autograd; residual optional, act "relu", "gelu"
+    (exact, erf-based: nn.GELU()) or None.
 
     Same semantics as F.batch_norm(x, running_mean, running_var, weight, bias, training,
-    momentum, eps) followed by the add and the ReLU: training normalizes with the batch
+    momentum, eps) followed by the add and the activation: training normalizes with the batch
     statistics (biased variance) and updates the running statistics in place (unbiased
     variance); eval uses the running statistics. Given `num_batches_tracked`, training also
     adds 1 to it, as nn.BatchNorm2d does, and `momentum=None` then averages cumulatively
     (factor 1 / num_batches_tracked). x: [N, C, H, W] fp16/bf16/fp32, NCHW or channels-last
     (y comes back in the same format; other strides are copied first). Running stats,
     weight and bias are per-channel, fp32 even for fp16 x."""
+    act_name = "none" if act is None else act
+    if act_name not in ACTIVATIONS:
+        raise ValueError(f"bn_relu: unknown activation {act!r}; choose relu, gelu or None")
     if x.dim() != 4:
         raise ValueError(f"bn_relu expects a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
     C = x.shape[1]
@@ -440,7 +451,7 @@ def bn_relu(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tens
         else:
             mean, var = running_mean, running_var
         return torch.ops.fastcifar.bn_relu_apply(x, weight, bias, mean, var, residual,
-                                                 training, eps, relu)
+                                                 training, eps, act_name)
     if training:
         mean, var = stats_(x.detach(), running_mean, running_var, num_batches_tracked, factor,
                            momentum is None)
@@ -451,4 +462,4 @@ def bn_relu(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tens
                 increment_version(t)
     else:
         mean, var = running_mean, running_var
-    return _EagerBNReLU.apply(x, weight, bias, mean, var, residual, training, eps, relu)
+    return _EagerBNReLU.apply(x, weight, bias, mean, var, residual, training, eps, act_name)

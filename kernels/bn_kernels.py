@@ -1,6 +1,6 @@
-"""The Triton kernels of the fused BatchNorm + (residual add) + ReLU.
+"""The Triton kernels of the fused BatchNorm + (residual add) + activation.
 
-    y = relu(batch_norm(x) + residual)          residual and relu optional
+    y = act(batch_norm(x) + residual)           residual optional; act ReLU, GELU or none
 
 Only the device code lives here; kernels/batchnorm.py chooses block sizes and grids, launches
 these, and wraps them as torch ops. kernels/reference.py is the same math in torch ops.
@@ -13,20 +13,22 @@ finish before any output element can be written, so a tensor both need is read t
                                             + running statistics, in place
                        fwd_apply_kernel     read x (+ residual), write y                  2E (3E)
   forward (eval)       fwd_apply_kernel only, with the running statistics
-  backward (training)  bwd_reduce_kernel    read dy, x (+ y) -> sum(dy'), sum(dy' (x-mean))
+  backward (training)  bwd_reduce_kernel    read dy, x (+ y|r) -> sum(dy'), sum(dy' (x-mean))
                                             (+ write d_residual = dy')                    2E (4E)
                        bwd_finalize_kernel  -> dweight, dbias                         [C]
                        bwd_dx_kernel        read dy (or dy'), x, write dx                 3E
   backward (eval)      bwd_reduce_kernel writing dx as it goes, then bwd_finalize_kernel
 
-dy' = dy * (y > 0) is the gradient after the ReLU; where the mask comes from (MASK_FROM) is
-chosen by bytes moved:
-  * no residual (MASK_FROM_X): recompute z = (x - mean) * w * invstd + b from x, which both
-    backward passes read anyway, and take z rounded to x's dtype > 0 -- exactly `y > 0`, since
-    y is that same rounded value. Reading the saved y instead would add 2E. Backward = 5E.
-  * residual (MASK_FROM_Y): y = relu(bn(x) + r) needs r to recompute, which costs as much as
-    reading y, so the reduce pass reads the saved y, and since d_residual = dy' must be written
-    anyway, the dx pass reads dy' back instead of dy and y. Backward = 7E, the floor.
+dy' = dy * act'(z), z = bn(x) (+ r), is the gradient before the activation: dy * (y > 0) for
+ReLU, dy * gelu'(z) for GELU. Where z (or the ReLU mask) comes from is chosen by bytes moved:
+  * no residual: recompute z = (x - mean) * w * invstd + b from x, which both backward passes
+    read anyway. For ReLU the test is z rounded to x's dtype > 0 -- exactly `y > 0`, since y
+    is that same rounded value; GELU's derivative takes the fp32 z the forward evaluated.
+    Reading the saved y instead would add 2E. Backward = 5E.
+  * residual (HAS_RES): z = bn(x) + r needs r. ReLU reads the saved y instead (y > 0 is the
+    mask, and y costs what r would); GELU reads r, since gelu' cannot be had from y. Either
+    way the reduce pass writes d_residual = dy', which must be written anyway, and the dx
+    pass reads dy' back instead of dy and y (or r). Backward = 7E, the floor.
 
 Layouts. Channels-last x is a row-major [N*H*W, C] matrix: a tile is BLOCK_M whole rows
 (BLOCK_C = next power of two >= C, for C <= 256; wider rows in 256-channel blocks), i.e. one
@@ -52,10 +54,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Where the backward's ReLU mask comes from (the MASK_FROM argument of the backward kernels).
-MASK_NONE = tl.constexpr(0)     # no ReLU: dy passes unmasked
-MASK_FROM_Y = tl.constexpr(1)   # read the saved output y; d_residual = dy' is written
-MASK_FROM_X = tl.constexpr(2)   # recompute bn(x) from x, rounded to x's dtype
+# The activation (the ACT argument of the apply and backward kernels).
+ACT_NONE = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_GELU = tl.constexpr(2)      # the exact (erf) GELU, as nn.GELU()
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)      # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,18 +118,40 @@ def _normalize(x, mean, scale, bias):
 
 
 @triton.jit
-def _relu_grad(dy, x, y_ptr, offs, mask, mean, scale, bias, dtype: tl.constexpr,
-               MASK_FROM: tl.constexpr):
-    """dy' = dy where the forward's output was > 0 (see MASK_FROM). The recomputed z is
-    rounded to the activation dtype before the test because that rounded value is what y held
-    (an fp16 z of 1e-8 is a y of 0). Comparisons are made in fp32 (the interpreter compares
-    bf16 by its bits)."""
-    if MASK_FROM == MASK_FROM_Y:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.where(y > 0.0, dy, 0.0)
-    elif MASK_FROM == MASK_FROM_X:
-        z = _normalize(x, mean, scale, bias).to(dtype).to(tl.float32)
-        dy = tl.where(z > 0.0, dy, 0.0)
+def _activate(z, ACT: tl.constexpr):
+    """act(z) in fp32: relu(z), or gelu(z) = z * Phi(z) = z/2 * (1 + erf(z / sqrt(2)))."""
+    if ACT == ACT_RELU:
+        z = tl.maximum(z, 0.0)
+    elif ACT == ACT_GELU:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    return z
+
+
+@triton.jit
+def _act_grad(dy, x, aux_ptr, offs, mask, mean, scale, bias, dtype: tl.constexpr,
+              ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """dy' = dy * act'(z), z = bn(x) (+ residual); see the module docstring for where z comes
+    from. aux_ptr holds the saved output y (ReLU with a residual) or the residual (GELU with
+    a residual); it is not read without one.
+
+    ReLU: dy where the forward's output was > 0. The recomputed z is rounded to the activation
+    dtype before the test because that rounded value is what y held (an fp16 z of 1e-8 is a y
+    of 0). Comparisons are made in fp32 (the interpreter compares bf16 by its bits).
+    GELU: gelu'(z) = Phi(z) + z * phi(z), at the very fp32 z the forward evaluated."""
+    if ACT == ACT_RELU:
+        if HAS_RES:
+            y = tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.where(y > 0.0, dy, 0.0)
+        else:
+            z = _normalize(x, mean, scale, bias).to(dtype).to(tl.float32)
+            dy = tl.where(z > 0.0, dy, 0.0)
+    elif ACT == ACT_GELU:
+        z = _normalize(x, mean, scale, bias)
+        if HAS_RES:
+            z += tl.load(aux_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+        dy = dy * (cdf + z * pdf)
     return dy
 
 
@@ -219,7 +246,7 @@ def fwd_finalize_kernel(part_ptr, mean_ptr, var_ptr, rmean_ptr, rvar_ptr, nbt_pt
 
 @triton.jit
 def fwd_apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, S, C, eps,
-                     HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                     HAS_RES: tl.constexpr, ACT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Normalize pass (the only pass in eval): one tile per program."""
     c0 = tl.program_id(1) * BLOCK_C
@@ -230,8 +257,7 @@ def fwd_apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, S, 
     z = _normalize(x, mean, scale, bias)
     if HAS_RES:
         z += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if RELU:
-        z = tl.maximum(z, 0.0)
+    z = _activate(z, ACT)
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -240,14 +266,15 @@ def fwd_apply_kernel(x_ptr, res_ptr, y_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, S, 
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dres_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
+def bwd_reduce_kernel(dy_ptr, x_ptr, aux_ptr, dres_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
                       part_ptr, S, C, n_blocks, eps,
-                      MASK_FROM: tl.constexpr, WRITE_DX: tl.constexpr,
+                      ACT: tl.constexpr, HAS_RES: tl.constexpr, WRITE_DX: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """Reduce pass of the backward: per-program sum(dy') and sum(dy' * (x - mean)) into
-    part_ptr [2, P, C]. With MASK_FROM_Y it writes d_residual = dy' (the residual's gradient,
-    and what the dx pass reads instead of dy and y); with WRITE_DX (eval) it writes
-    dx = dy' * w / std as well, since eval's dx needs no batch reduction."""
+    part_ptr [2, P, C]. With an activation and a residual (HAS_RES; aux_ptr: y for ReLU, the
+    residual for GELU) it writes d_residual = dy' (the residual's gradient, and what the dx
+    pass reads instead of dy and aux); with WRITE_DX (eval) it writes dx = dy' * w / std as
+    well, since eval's dx needs no batch reduction."""
     p = tl.program_id(0)
     P = tl.num_programs(0)
     c0 = tl.program_id(1) * BLOCK_C
@@ -260,9 +287,9 @@ def bwd_reduce_kernel(dy_ptr, x_ptr, y_ptr, dres_ptr, dx_ptr, mean_ptr, var_ptr,
         offs, mask, rows = _tile(blk, c0, S, C, BLOCK_M, BLOCK_C, CHANNELS_LAST)
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = _relu_grad(dy, x, y_ptr, offs, mask, mean, scale, bias,
-                        x_ptr.dtype.element_ty, MASK_FROM)
-        if MASK_FROM == MASK_FROM_Y:
+        dy = _act_grad(dy, x, aux_ptr, offs, mask, mean, scale, bias,
+                       x_ptr.dtype.element_ty, ACT, HAS_RES)
+        if HAS_RES:
             tl.store(dres_ptr + offs, dy.to(dres_ptr.dtype.element_ty), mask=mask)
         if WRITE_DX:
             tl.store(dx_ptr + offs, (dy * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
@@ -296,12 +323,12 @@ def bwd_finalize_kernel(part_ptr, var_ptr, dw_ptr, db_ptr, P, C, eps,
 
 @triton.jit
 def bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, dw_ptr, db_ptr,
-                  S, C, inv_count, eps, MASK_FROM: tl.constexpr,
+                  S, C, inv_count, eps, ACT: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
     """dx pass of the training backward:
         dx = w * invstd * (dy' - mean(dy') - xhat * mean(dy' * xhat)),
-    the means over the batch being dbias / n and dweight / n. dy_ptr holds dy (MASK_NONE or
-    MASK_FROM_X) or the already-masked d_residual (then MASK_NONE)."""
+    the means over the batch being dbias / n and dweight / n. dy_ptr holds dy (z then comes
+    from x alone) or d_residual = dy' already (then ACT_NONE)."""
     c0 = tl.program_id(1) * BLOCK_C
     offs, mask, rows = _tile(tl.program_id(0), c0, S, C, BLOCK_M, BLOCK_C, CHANNELS_LAST)
     mean, invstd, scale, bias = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, c0, C, eps,
@@ -312,8 +339,8 @@ def bwd_dx_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, dw_ptr
     mean_dyxhat = tl.load(dw_ptr + c, mask=cm, other=0.0).to(tl.float32) * inv_count
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = _relu_grad(dy, x, dy_ptr, offs, mask, mean, scale, bias,
-                    x_ptr.dtype.element_ty, MASK_FROM)
+    dy = _act_grad(dy, x, dy_ptr, offs, mask, mean, scale, bias,
+                   x_ptr.dtype.element_ty, ACT, False)
     xhat = (x - mean[None, :]) * invstd[None, :]
     dx = scale[None, :] * (dy - mean_dy[None, :] - xhat * mean_dyxhat[None, :])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)

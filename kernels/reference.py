@@ -5,6 +5,7 @@ It spells out the math the kernels implement, stage by stage, in whatever dtype 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -14,8 +15,9 @@ from torch import Tensor
 def bn_relu_reference(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tensor],
                       running_var: Optional[Tensor], training: bool, momentum: float = 0.1,
                       eps: float = 1e-5, residual: Optional[Tensor] = None,
-                      relu: bool = True) -> Tensor:
-    """relu(batch_norm(x) + residual) computed in x's dtype; differentiable by autograd.
+                      act: Optional[str] = "relu") -> Tensor:
+    """act(batch_norm(x) + residual) computed in x's dtype, act "relu", "gelu" (exact) or
+    None; differentiable by autograd.
     Updates running_mean/running_var in place in training, as F.batch_norm does."""
     dims = (0, 2, 3)
     if training:
@@ -34,4 +36,9 @@ def bn_relu_reference(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Opt
     y = y * weight.to(x.dtype).view(shape) + bias.to(x.dtype).view(shape)
     if residual is not None:
         y = y + residual
-    return torch.relu(y) if relu else y
+    if act == "relu":
+        return torch.relu(y)
+    if act == "gelu":       # x * Phi(x), spelled out
+        return 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+    assert act is None, act
+    return y

@@ -79,7 +79,7 @@ def close(actual, expected, tol, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def check_case(shape, dtype_name, channels_last, training, relu, residual, seed):
+def check_case(shape, dtype_name, channels_last, training, act, residual, seed):
     dtype = DTYPES[dtype_name]
     x, w, b, rm, rv, r, dy = make_inputs(shape, dtype, channels_last, residual, seed)
     # kernels
@@ -87,14 +87,14 @@ def check_case(shape, dtype_name, channels_last, training, relu, residual, seed)
     wk, bk = w.clone().requires_grad_(), b.clone().requires_grad_()
     rk = r.clone().requires_grad_() if residual else None
     rmk, rvk = rm.clone(), rv.clone()
-    y = bn_relu(xk, wk, bk, rmk, rvk, training, 0.1, 1e-5, residual=rk, relu=relu)
+    y = bn_relu(xk, wk, bk, rmk, rvk, training, 0.1, 1e-5, residual=rk, act=act)
     y.backward(dy)
     # float64 reference on the same values
     xr = x.double().requires_grad_()
     wr, br = w.double().requires_grad_(), b.double().requires_grad_()
     rr = r.double().requires_grad_() if residual else None
     rmr, rvr = rm.double(), rv.double()
-    yr = bn_relu_reference(xr, wr, br, rmr, rvr, training, 0.1, 1e-5, residual=rr, relu=relu)
+    yr = bn_relu_reference(xr, wr, br, rmr, rvr, training, 0.1, 1e-5, residual=rr, act=act)
     yr.backward(dy.double())
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -117,20 +117,23 @@ def check_case(shape, dtype_name, channels_last, training, relu, residual, seed)
 
 SHAPES = [(2, 3, 7, 7), (1, 66, 8, 8), (3, 132, 2, 2), (2, 264, 1, 1), (1, 7, 32, 32),
           (3, 1, 4, 4), (2, 17, 3, 5), (4, 64, 8, 8), (5, 5, 2, 2), (2, 9, 7, 7)]
-COMBOS = list(itertools.product(DTYPES, (True, False), (True, False), (True, False),
+COMBOS = list(itertools.product(DTYPES, (True, False), (True, False), ("relu", None),
                                 (True, False)))
+# GELU: every dtype x layout x residual in training, eval in fp16 channels-last (the eval code
+# path is the activation's; on a GPU each combination is one more set of kernel compilations)
+COMBOS += [c for c in itertools.product(DTYPES, (True, False), (True, False), ("gelu",),
+                                        (True, False)) if c[2] or (c[0] == "fp16" and c[1])]
 
 
 @pytest.mark.parametrize("i", range(len(COMBOS)),
                          ids=["{}-{}-{}-{}-{}".format(d, "cl" if cl else "nchw",
-                                                      "train" if t else "eval",
-                                                      "relu" if r else "norelu",
+                                                      "train" if t else "eval", a or "noact",
                                                       "res" if s else "nores")
-                              for d, cl, t, r, s in COMBOS])
+                              for d, cl, t, a, s in COMBOS])
 def test_matches_float64_reference(i):
-    """Every dtype x layout x mode x relu x residual combination, each on another shape."""
-    dtype, cl, training, relu, residual = COMBOS[i]
-    check_case(SHAPES[i % len(SHAPES)], dtype, cl, training, relu, residual, seed=i)
+    """Every dtype x layout x mode x activation x residual combination, each on another shape."""
+    dtype, cl, training, act, residual = COMBOS[i]
+    check_case(SHAPES[i % len(SHAPES)], dtype, cl, training, act, residual, seed=i)
 
 
 @pytest.mark.parametrize("shape,cl,dtype,training,residual", [
@@ -146,7 +149,8 @@ def test_small_blocks(monkeypatch, shape, cl, dtype, training, residual):
     x = torch.empty(shape)
     geo = impl.geometry(x.contiguous(memory_format=torch.channels_last) if cl else x)
     assert geo.c_blocks > 1 and geo.P > 1 and geo.blocks_per_prog > 1
-    check_case(shape, dtype, cl, training, True, residual, seed=100)
+    check_case(shape, dtype, cl, training, "relu", residual, seed=100)
+    check_case(shape, dtype, cl, training, "gelu", residual, seed=101)
 
 
 def test_statistics_survive_cancellation():
@@ -204,7 +208,7 @@ def test_module_cumulative_momentum():
     """momentum=None: cumulative average of the batch statistics, as nn.BatchNorm2d."""
     torch.manual_seed(1)
     ref = nn.BatchNorm2d(4, momentum=None).to(DEV)
-    mod = NormAct(4, relu=False, momentum=None, backend="triton").to(DEV)
+    mod = NormAct(4, act=None, momentum=None, backend="triton").to(DEV)
     for _ in range(3):
         x = torch.randn(2, 4, 3, 3, device=DEV) * 3 + 2
         torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -422,7 +426,7 @@ def test_bookkeeping_over_several_blocks(monkeypatch):
     monkeypatch.setattr(impl, "CONFIG_OVERRIDE", {"block_m": 4, "block_c": 16, "programs": 20})
     torch.manual_seed(2)
     ref = nn.BatchNorm2d(37, momentum=None).to(DEV)
-    mod = NormAct(37, relu=False, momentum=None, backend="triton").to(DEV)
+    mod = NormAct(37, act=None, momentum=None, backend="triton").to(DEV)
     geo = impl.geometry(torch.empty(2, 37, 5, 5, device=DEV))
     assert geo.c_blocks > 1 and geo.P > 1
     for step in range(3):
@@ -456,7 +460,7 @@ def test_eval_graph_notices_changed_running_statistics():
     in between changes them in place, and the kernels say so to autograd (as the ops'
     declared mutations do under torch.compile), so that backward fails instead of silently
     differentiating with the new values (which nn.BatchNorm2d does)."""
-    mod = NormAct(4, relu=False, backend="triton").to(DEV).eval()
+    mod = NormAct(4, act=None, backend="triton").to(DEV).eval()
     x = torch.randn(2, 4, 3, 3, device=DEV, requires_grad=True)
     y = mod(x)
     mod.train()
@@ -465,8 +469,9 @@ def test_eval_graph_notices_changed_running_statistics():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("training,residual", [(True, True), (False, False)])
-def test_opcheck(training, residual):
+@pytest.mark.parametrize("training,residual,act", [(True, True, "relu"), (False, False, "relu"),
+                                                   (True, True, "gelu"), (True, False, "none")])
+def test_opcheck(training, residual, act):
     """The ops' registrations (schema and declared mutations, fake functions, autograd
     formula) pass torch.library.opcheck: what torch.compile relies on."""
     x, w, b, rm, rv, r, dy = make_inputs((2, 5, 3, 3), torch.float32, True, residual, seed=7)
@@ -479,7 +484,7 @@ def test_opcheck(training, residual):
         mean, var = rm, rv
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     torch.library.opcheck(torch.ops.fastcifar.bn_relu_apply.default,
-                          (x, w, b, mean, var, r, training, 1e-5, True))
+                          (x, w, b, mean, var, r, training, 1e-5, act))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent(r'''
     from triton.compiler import ASTSource
     import kernels.bn_kernels as K
 
-    ACT = {"x_ptr", "y_ptr", "res_ptr", "dy_ptr", "dx_ptr", "dres_ptr"}   # activation dtype
+    ACT = {"x_ptr", "y_ptr", "res_ptr", "aux_ptr", "dy_ptr", "dx_ptr", "dres_ptr"}  # activation dtype
     FLOATS = {"eps", "momentum", "inv_count"}
 
     def signature(fn, act):
@@ -55,27 +55,30 @@ SCRIPT = textwrap.dedent(r'''
         src = ASTSource(fn, signature(fn, act), constexprs, attrs=attrs)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
-    MASKS = (K.MASK_NONE.value, K.MASK_FROM_Y.value, K.MASK_FROM_X.value)
+    ACTS = (K.ACT_NONE.value, K.ACT_RELU.value, K.ACT_GELU.value)
+    # the backward's (ACT, HAS_RES) pairs the launchers use: HAS_RES only with an activation
+    GRADS = [(a, r) for a in ACTS for r in (False, True) if a != K.ACT_NONE.value or not r]
     n = 0
     for cl in (True, False):                 # fp16: every variant the launchers use
         tile = dict(BLOCK_M=64, BLOCK_C=64, CHANNELS_LAST=cl)
         for count in (True, False):
             compile_(K.fwd_stats_kernel, COUNT_BATCH=count, **tile)
-        for res, relu in itertools.product((True, False), (True, False)):
-            compile_(K.fwd_apply_kernel, HAS_RES=res, RELU=relu, **tile)
-        for mask_from, write_dx in itertools.product(MASKS, (True, False)):
-            compile_(K.bwd_reduce_kernel, MASK_FROM=mask_from, WRITE_DX=write_dx, **tile)
-        for mask_from in (K.MASK_NONE.value, K.MASK_FROM_X.value):
-            compile_(K.bwd_dx_kernel, MASK_FROM=mask_from, **tile)
-        n += 2 + 4 + 6 + 2
+        for res, a in itertools.product((True, False), ACTS):
+            compile_(K.fwd_apply_kernel, HAS_RES=res, ACT=a, **tile)
+        for (a, res), write_dx in itertools.product(GRADS, (True, False)):
+            compile_(K.bwd_reduce_kernel, ACT=a, HAS_RES=res, WRITE_DX=write_dx, **tile)
+        for a in ACTS:
+            compile_(K.bwd_dx_kernel, ACT=a, **tile)
+        n += 2 + 6 + 10 + 3
     for act in ("*bf16", "*fp32"):           # other dtypes: the conversions, one layout
         tile = dict(BLOCK_M=32, BLOCK_C=128, CHANNELS_LAST=True)
         compile_(K.fwd_stats_kernel, act, COUNT_BATCH=True, **tile)
-        compile_(K.fwd_apply_kernel, act, HAS_RES=True, RELU=True, **tile)
-        compile_(K.bwd_reduce_kernel, act, MASK_FROM=K.MASK_FROM_X.value, WRITE_DX=True, **tile)
-        compile_(K.bwd_reduce_kernel, act, MASK_FROM=K.MASK_FROM_Y.value, WRITE_DX=False, **tile)
-        compile_(K.bwd_dx_kernel, act, MASK_FROM=K.MASK_FROM_X.value, **tile)
-        n += 5
+        for a in (K.ACT_RELU.value, K.ACT_GELU.value):
+            compile_(K.fwd_apply_kernel, act, HAS_RES=True, ACT=a, **tile)
+            compile_(K.bwd_reduce_kernel, act, ACT=a, HAS_RES=False, WRITE_DX=True, **tile)
+            compile_(K.bwd_reduce_kernel, act, ACT=a, HAS_RES=True, WRITE_DX=False, **tile)
+            compile_(K.bwd_dx_kernel, act, ACT=a, **tile)
+        n += 9
     for update, cumulative in ((True, False), (True, True), (False, False)):
         compile_(K.fwd_finalize_kernel, BLOCK_P=64, BLOCK_C=64, UPDATE_RUNNING=update,
                  CUMULATIVE=cumulative)
@@ -112,10 +115,12 @@ CAPTURE = textwrap.dedent(r'''
             super().__init__()
             self.bn1 = NormAct(8, backend="triton")
             self.bn2 = NormAct(8, backend="triton")
+            self.bn3 = NormAct(8, act="gelu", backend="triton")
 
         def forward(self, x):
             h = self.bn1(x)
-            return self.bn2(h, residual=h)
+            h = self.bn2(h, residual=h)
+            return self.bn3(h, residual=h)
 
     graphs = []
     def grab(gm, example_inputs):
@@ -164,12 +169,12 @@ def _run(script: str) -> subprocess.CompletedProcess:
 
 
 def test_kernels_compile_for_sm90():
-    assert "compiled 42" in _run(SCRIPT).stdout
+    assert "compiled 64" in _run(SCRIPT).stdout
 
 
 def test_torch_compile_sees_the_kernels():
-    """With compiled kernels on torch >= 2.6 the ops are triton_ops: the forward graph of two
-    training BN layers is their three kernels each, the finalize kernel updating the running
+    """With compiled kernels on torch >= 2.6 the ops are triton_ops: the forward graph of three
+    training BN layers (ReLU; ReLU + residual; GELU + residual) is their three kernels each, the finalize kernel updating the running
     statistics (graph inputs), the backward graph three kernels each, and no fastcifar op is
     left for the compiled code to call back into Python."""
     import torch
@@ -181,6 +186,6 @@ def test_torch_compile_sees_the_kernels():
     forward, backward = out["graphs"]
     assert not [c for c in forward + backward if "fastcifar" in c]
     kernels = [c for c in forward if "kernel" in c]
-    assert kernels == ["fwd_stats_kernel", "fwd_finalize_kernel (buffers)", "fwd_apply_kernel"] * 2
+    assert kernels == ["fwd_stats_kernel", "fwd_finalize_kernel (buffers)", "fwd_apply_kernel"] * 3
     assert [c for c in backward if "kernel" in c] == \
-        ["bwd_reduce_kernel", "bwd_finalize_kernel", "bwd_dx_kernel"] * 2
+        ["bwd_reduce_kernel", "bwd_finalize_kernel", "bwd_dx_kernel"] * 3

@@ -253,24 +253,28 @@ def test_model_options():
 # NormAct
 
 
-def _reference_step(bn_ref, x, residual, relu):
+ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, None: nn.Identity}
+
+
+def _reference_step(bn_ref, x, residual, act):
     y = bn_ref(x)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    return ACT_MODULES[act]()(y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("relu,with_residual,momentum", [(True, False, 0.1), (False, False, 0.1),
-                                                         (True, True, 0.1), (True, True, None)])
-def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
+@pytest.mark.parametrize("act,with_residual,momentum", [
+    ("relu", False, 0.1), (None, False, 0.1), ("relu", True, 0.1), ("relu", True, None),
+    ("gelu", False, 0.1), ("gelu", True, 0.1), (None, True, 0.1)])
+def test_normact_matches_batchnorm(backend, act, with_residual, momentum):
     torch.manual_seed(0)
     C = 6
     ref = nn.BatchNorm2d(C, momentum=momentum)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
-    mod = NormAct(C, relu=relu, momentum=momentum)
+    mod = NormAct(C, act=act, momentum=momentum)
     mod.load_state_dict(ref.state_dict())
     mod.backend = backend
     dev = _device_for(backend)
@@ -281,7 +285,7 @@ def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
         x2 = x.detach().clone().requires_grad_()
         r2 = r.detach().clone().requires_grad_() if with_residual else None
         y = mod(x, r)
-        y_ref = _reference_step(ref, x2, r2, relu)
+        y_ref = _reference_step(ref, x2, r2, act)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         g = torch.randn_like(y)
         y.backward(g)
@@ -299,17 +303,17 @@ def test_normact_matches_batchnorm(backend, relu, with_residual, momentum):
     x = torch.randn(3, C, 4, 4).to(dev)
     r = torch.randn(3, C, 4, 4).to(dev) if with_residual else None
     with torch.no_grad():
-        torch.testing.assert_close(mod(x, r), _reference_step(ref, x, r, relu), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mod(x, r), _reference_step(ref, x, r, act), rtol=1e-5, atol=1e-5)
     assert mod.num_batches_tracked.item() == 3  # eval does not count
 
 
 class TorchBNAct(nn.BatchNorm2d):
     """The reference build's layer: torch's own BatchNorm2d.forward, then ``+ residual``, then
-    nn.ReLU; same call signature as NormAct."""
+    nn.ReLU / nn.GELU; same call signature as NormAct."""
 
-    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5, momentum=0.1):
+    def __init__(self, num_features: int, act="relu", eps: float = 1e-5, momentum=0.1):
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.act = nn.ReLU() if relu else nn.Identity()
+        self.act = ACT_MODULES[act]()
 
     def forward(self, x, residual=None):
         y = nn.BatchNorm2d.forward(self, x)
@@ -320,7 +324,7 @@ def torch_bn_build(model):
     """``model`` with every NormAct replaced by a TorchBNAct holding the same state."""
     for name, child in list(model.named_children()):
         if isinstance(child, NormAct):
-            ref = TorchBNAct(child.num_features, relu=child.relu, eps=child.eps, momentum=child.momentum)
+            ref = TorchBNAct(child.num_features, act=child.act, eps=child.eps, momentum=child.momentum)
             ref.load_state_dict(child.state_dict())
             ref.train(child.training)
             setattr(model, name, ref)
@@ -332,7 +336,7 @@ def torch_bn_build(model):
 def test_normact_state_dict_keys_are_batchnorm_keys():
     assert NormAct(8).state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
     assert NormAct(8, backend="compiled").state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
-    assert TorchBNAct(8, relu=True).state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
+    assert TorchBNAct(8, act="relu").state_dict().keys() == nn.BatchNorm2d(8).state_dict().keys()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +495,8 @@ def test_unknown_backend():
         model.bn1.backend = "fused"
     with pytest.raises(UserError, match="unknown BN backend"):
         NormAct(8, backend="fused")
+    with pytest.raises(UserError, match="unknown activation 'silu'"):
+        NormAct(8, act="silu")
     assert model.bn1.backend == "eager"
     model(torch.randn(2, 3, 8, 8))
 

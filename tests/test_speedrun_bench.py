@@ -245,7 +245,7 @@ def test_report_renders_result_files(tmp_path, capsys):
     gpu = tmp_path / "gpu"
     gpu.mkdir()
     (gpu / "bench_train.json").write_text(json.dumps(stored))
-    shape = {"C": 64, "H": 32, "W": 32, "residual": True, "relu": True, "count": 4, "fused_ms": 0.1,
+    shape = {"C": 64, "H": 32, "W": 32, "residual": True, "act": "relu", "count": 4, "fused_ms": 0.1,
              "fused_GBps": 2400.0, "eager_ms": 0.2, "compiled_ms": 0.15, "fused_frac_of_copy_bw": 0.8}
     (gpu / "bn.json").write_text(json.dumps({
         "device": "NVIDIA H100 80GB HBM3", "dry_run": False, "dtype": "float16", "memory_format": "channels_last",
@@ -259,8 +259,8 @@ def test_report_renders_result_files(tmp_path, capsys):
     share = 100 * row["achieved_tflops"] / 700.0
     assert f"{row['achieved_tflops']:.1f} ({share:.0f}%)" in text and "700 TFLOP/s" in text
     assert "**Stopped inside** resnet_2111 / triton" in text
-    assert "| 64 | 32×32 | yes | yes | 4 | 0.100 | 0.200 | 0.150 | 2400 | 80% |" in text
-    assert "| 128 | 32×32 | yes | yes | 4 | failed |" in text
+    assert "| 64 | 32×32 | yes | relu | 4 | 0.100 | 0.200 | 0.150 | 2400 | 80% |" in text
+    assert "| 128 | 32×32 | yes | relu | 4 | failed |" in text
     assert "Triton ×1.50" in text and "×1.10" in text and "DRY RUN" not in text
 
     assert report.report([results]).count("###") == 1          # dry runs left out: the loaders only

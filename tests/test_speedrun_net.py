@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastcifar.models import create_model, get_model_info, get_recipe
 from fastcifar.models.norm import NormAct
@@ -149,9 +150,10 @@ def test_gelu_keeps_the_weights_and_refuses_unknown_activations():
     gelu = create_model("speedrun_net", act="gelu")
     assert relu.state_dict().keys() == gelu.state_dict().keys()     # checkpoints interchange
     assert all(torch.equal(a, b) for a, b in zip(relu.state_dict().values(), gelu.state_dict().values()))
-    # GELU is applied after the norm, not fused: every NormAct of the GELU model skips its ReLU
-    assert all(not m.relu for m in gelu.modules() if isinstance(m, NormAct))
-    assert all(m.relu for m in relu.modules() if isinstance(m, NormAct))
+    # the activation is fused into every NormAct; no separate activation module is left
+    assert {m.act for m in gelu.modules() if isinstance(m, NormAct)} == {"gelu"}
+    assert {m.act for m in relu.modules() if isinstance(m, NormAct)} == {"relu"}
+    assert not any(isinstance(m, (nn.GELU, nn.ReLU)) for m in gelu.modules())
     with pytest.raises(UserError, match="unknown activation 'silu'"):
         create_model("speedrun_net", act="silu")
 

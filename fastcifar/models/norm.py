@@ -1,10 +1,10 @@
-"""BatchNorm + (residual add) + ReLU as one module, with a switchable backend.
+"""BatchNorm + (residual add) + activation as one module, with a switchable backend.
 
 Every model in the zoo sends each BatchNorm->ReLU pair, and each BatchNorm->add->ReLU at a
-residual join, through ``NormAct``. That gives the speed work one place to swap the
+residual join, through ``NormAct`` (the activation is ReLU, GELU or none). That gives the speed work one place to swap the
 implementation without touching model code:
 
-    eager     F.batch_norm, then add, then relu (what nn.BatchNorm2d + nn.ReLU would do)
+    eager     F.batch_norm, then add, then the activation (nn.BatchNorm2d + nn.ReLU/nn.GELU)
     compiled  the same function through torch.compile (compiled once per process, shared by
               every module; works on CPU too)
     triton    kernels.bn_relu, the fused Triton kernels
@@ -26,22 +26,29 @@ from torch import nn
 from fastcifar.errors import UserError
 
 BACKENDS = ("eager", "compiled", "triton")
+ACTIVATIONS = ("relu", "gelu", None)    # GELU is the exact (erf) one, as nn.GELU()
+
+
+def _activate(y, act):
+    if act == "relu":
+        return F.relu(y)
+    return F.gelu(y) if act == "gelu" else y
 
 
 def bn_act(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
-           eps: float, residual=None, relu: bool = True):
-    """relu(batch_norm(x) + residual): the reference every backend must match."""
+           eps: float, residual=None, act: str | None = "relu"):
+    """act(batch_norm(x) + residual): the reference every backend must match."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    return _activate(y, act)
 
 
-# torch.compile guards on the Python arguments (relu, residual given or not, training), and
+# torch.compile guards on the Python arguments (act, residual given or not, training), and
 # dynamo keeps a bounded number of variants per code object (8 by default; past that it
-# silently runs eager). One small function per (residual, relu) combination, compiled with
-# dynamic shapes, keeps each to a few variants (train/eval, grad mode, memory format) for
-# every layer of every model.
+# silently runs eager). One small function per (residual, activation) combination, compiled
+# with dynamic shapes, keeps each to a few variants (train/eval, grad mode, memory format)
+# for every layer of every model.
 def _bn(x, w, b, rm, rv, training: bool, momentum: float, eps: float):
     return F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
 
@@ -58,8 +65,16 @@ def _bn_add_relu(x, w, b, rm, rv, training: bool, momentum: float, eps: float, r
     return F.relu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + residual)
 
 
-_VARIANTS = {(False, False): _bn, (False, True): _bn_relu,
-             (True, False): _bn_add, (True, True): _bn_add_relu}
+def _bn_gelu(x, w, b, rm, rv, training: bool, momentum: float, eps: float):
+    return F.gelu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps))
+
+
+def _bn_add_gelu(x, w, b, rm, rv, training: bool, momentum: float, eps: float, residual):
+    return F.gelu(F.batch_norm(x, rm, rv, w, b, training, momentum, eps) + residual)
+
+
+_VARIANTS = {(False, None): _bn, (False, "relu"): _bn_relu, (False, "gelu"): _bn_gelu,
+             (True, None): _bn_add, (True, "relu"): _bn_add_relu, (True, "gelu"): _bn_add_gelu}
 # Filled once, when a module is first switched to the compiled backend, and never changed
 # afterwards: created lazily inside a forward, the dict would change while torch.compile
 # traces an outer model (whose graph guards on it), and the second step would recompile.
@@ -96,16 +111,19 @@ def _check_backend(backend: str):
 
 
 class NormAct(nn.BatchNorm2d):
-    """BatchNorm2d, then optionally ``+ residual``, then optionally ReLU: ``forward(x, residual=None)``.
+    """BatchNorm2d, then optionally ``+ residual``, then the activation: ``forward(x, residual=None)``.
 
-    ``backend`` (eager | compiled | triton) can be changed at any time; an unknown name, or
-    triton without its kernels, raises a UserError when it is set.
+    ``act`` is "relu" (default), "gelu" (exact, as nn.GELU()) or None. ``backend`` (eager |
+    compiled | triton) can be changed at any time; an unknown name, or triton without its
+    kernels, raises a UserError when it is set.
     """
 
-    def __init__(self, num_features: int, relu: bool = True, eps: float = 1e-5,
+    def __init__(self, num_features: int, act: str | None = "relu", eps: float = 1e-5,
                  momentum: float | None = 0.1, backend: str = "eager"):
         super().__init__(num_features, eps=eps, momentum=momentum)
-        self.relu = relu
+        if act not in ACTIVATIONS:
+            raise UserError(f"unknown activation {act!r}; choose relu, gelu or None")
+        self.act = act
         self.backend = backend
 
     @property
@@ -118,7 +136,7 @@ class NormAct(nn.BatchNorm2d):
         self._backend = name
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relu={self.relu}, backend={self.backend}"
+        return f"{super().extra_repr()}, act={self.act}, backend={self.backend}"
 
     def _momentum(self) -> float:
         # nn.BatchNorm2d's rule: count the batch, then use momentum, or the cumulative
@@ -136,12 +154,12 @@ class NormAct(nn.BatchNorm2d):
             # finalize pass updates the running statistics (no extra launches)
             return self._triton(x, self.weight, self.bias, self.running_mean, self.running_var,
                                 self.training, self.momentum, self.eps, residual=residual,
-                                relu=self.relu, num_batches_tracked=self.num_batches_tracked)
+                                act=self.act, num_batches_tracked=self.num_batches_tracked)
         args = (x, self.weight, self.bias, self.running_mean, self.running_var,
                 self.training, self._momentum(), self.eps)
         if self._backend == "eager":
-            return bn_act(*args, residual=residual, relu=self.relu)
-        fn = _COMPILED[(residual is not None, self.relu)]
+            return bn_act(*args, residual=residual, act=self.act)
+        fn = _COMPILED[(residual is not None, self.act)]
         # dynamo keeps nn.Parameter shapes static whatever `dynamic` says, which would
         # recompile for every channel count; a view of the parameter is a plain tensor
         # (gradients still flow to the parameter).

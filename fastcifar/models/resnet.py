@@ -20,7 +20,7 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 def projection(cin: int, cout: int, stride: int) -> nn.Module:
     """1x1 conv + BN shortcut for a block that changes width or resolution."""
     return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False),
-                         NormAct(cout, relu=False))
+                         NormAct(cout, act=None))
 
 
 class BasicBlock(nn.Module):

@@ -29,7 +29,7 @@ class DropoutBlock(nn.Module):
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Dropout(dropout),
                                           nn.Conv2d(cout, cout, kernel_size=1, bias=False),
-                                          NormAct(cout, relu=False))
+                                          NormAct(cout, act=None))
 
     def forward(self, x):
         h = self.bn1(self.conv1(x))

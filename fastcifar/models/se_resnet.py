@@ -98,7 +98,7 @@ class SEBasicBlock(nn.Module):
         self.conv1 = conv3x3(cin, cout, stride)
         self.bn1 = NormAct(cout)
         self.conv2 = conv3x3(cout, cout)
-        self.bn2 = NormAct(cout, relu=False)
+        self.bn2 = NormAct(cout, act=None)
         if shared is not None:
             # Kernel sharing: every 3x3 conv of the stage whose shape is (cout, cout, 3, 3) holds
             # the same Parameter, so it is trained (and counted) once.

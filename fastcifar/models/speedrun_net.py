@@ -19,8 +19,8 @@ GMAC.
 Options for experiments (`--model-opt KEY=VALUE`): `residual=false` drops the three skips
 (airbench94's plain conv-pool-BN-act-conv-BN-act block); `dirac_init=true` starts each 3x3 conv
 as the identity on its first in_channels outputs, as airbench94 initialises its convs;
-`act=gelu` puts airbench94's GELU wherever ReLU is (not fused into the BN kernels: one more
-elementwise pass per BatchNorm on the eager and triton backends).
+`act=gelu` puts airbench94's GELU wherever ReLU is (fused into the BN kernels like ReLU: every
+NormAct runs BN (+ skip) + GELU in one pass on the triton backend).
 
 Status: its time against the airbench94 baseline is NOT yet measured on a GPU, and the `fast`
 recipe below is still to be tuned there (see bench/README.md). CPU runs (fp32, seed 0, the JPEG
@@ -63,8 +63,8 @@ decay, peak at 23%, ending at 7% of the peak) 0.45; its weight averaging (Lookah
 steps with a cubic ramp, `lookahead_ramp`) in place of the EMA cost 0.49. GELU in place of ReLU
 is the one airbench94 choice that gained, in all three paired runs: +0.30 at 10 epochs, +0.60
 at 8, +0.46 at 8 with Muon. ReLU stays the default until GPU runs (fp16, several seeds) confirm
-it and time the cost: GELU is not in the fused Triton kernels, so on the triton backend it is
-one more elementwise pass per BatchNorm (bench/README.md, `tune`).
+it and time the cost (bench/README.md, `tune`); GELU is fused into the Triton kernels as ReLU
+is, and costs a few more instructions per element in passes that are memory-bound.
 """
 from __future__ import annotations
 
@@ -100,33 +100,27 @@ class Block(nn.Module):
         self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1, self.act1 = norm_act(c_out, act)
+        self.norm1 = norm_act(c_out, act)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2, self.act2 = norm_act(c_out, act)
+        self.norm2 = norm_act(c_out, act)
         if dirac_init:
             for conv in (self.conv1, self.conv2):
                 identity_init_(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act1(self.norm1(self.pool(self.conv1(x))))
-        return self.act2(self.norm2(self.conv2(h), residual=h if self.residual else None))
+        h = self.norm1(self.pool(self.conv1(x)))
+        return self.norm2(self.conv2(h), residual=h if self.residual else None)
 
 
 ACTIVATIONS = ("relu", "gelu")
 
 
-def norm_act(channels: int, act: str) -> tuple[NormAct, nn.Module]:
-    """BatchNorm (+ skip) and the activation after it, as (norm, activation) modules.
-
-    ReLU is fused into NormAct (one kernel with the BN and the skip's add); the activation
-    module is then the identity. GELU, airbench94's activation, is not in the fused kernels:
-    NormAct does BN (+ skip) and a separate nn.GELU follows (one more elementwise pass, which
-    torch.compile fuses on the compiled backends)."""
+def norm_act(channels: int, act: str) -> NormAct:
+    """BatchNorm (+ skip) + activation as one NormAct: ReLU, or airbench94's GELU, both fused
+    with the BN and the skip's add (one kernel per pass on the triton backend)."""
     if act not in ACTIVATIONS:
         raise UserError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-    if act == "relu":
-        return NormAct(channels), nn.Identity()
-    return NormAct(channels, relu=False), nn.GELU()
+    return NormAct(channels, act=act)
 
 
 @torch.no_grad()
@@ -209,7 +203,7 @@ class SpeedrunNet(nn.Module):
             w0 = self.stem.out_channels
         else:
             raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-        self.stem_norm, self.stem_act = norm_act(w0, act)
+        self.stem_norm = norm_act(w0, act)
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
@@ -241,7 +235,7 @@ class SpeedrunNet(nn.Module):
             self.stem.init_from_data(images)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_act(self.stem_norm(self.stem(x)))
+        x = self.stem_norm(self.stem(x))
         x = self.block3(self.block2(self.block1(x)))
         x = self.pool(x).flatten(1)
         return self.fc(x) * self.logit_scale
