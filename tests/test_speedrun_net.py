@@ -78,16 +78,18 @@ def _bn(norm, x):
             * norm.weight.view(shape) + norm.bias.view(shape))
 
 
-@pytest.mark.parametrize("stem,residual,act", [("whiten", True, "relu"), ("conv", True, "relu"),
-                                              ("whiten", False, "relu"), ("whiten", True, "gelu")])
-def test_forward_is_the_documented_layout(stem, residual, act):
+@pytest.mark.parametrize("stem,residual,act,stem_norm", [
+    ("whiten", True, "relu", True), ("conv", True, "relu", True), ("whiten", False, "relu", True),
+    ("whiten", True, "gelu", True), ("whiten", True, "gelu", False), ("conv", True, "relu", False)])
+def test_forward_is_the_documented_layout(stem, residual, act, stem_norm):
     """Eval-mode forward against the layout in the module docstring, written with functional ops:
     stem (2x2 whitening conv without padding, or conv3x3) then BN-ReLU; per block conv, 2x2 max
     pool, BN-ReLU, conv, BN, + skip (unless residual=False), ReLU; global max pool, bias-free
-    linear, times logit_scale. act="gelu" puts GELU wherever ReLU was."""
+    linear, times logit_scale. act="gelu" puts GELU wherever ReLU was; stem_norm=False gives the
+    stem conv a bias in place of the BN after it."""
     torch.manual_seed(0)
     model = create_model("speedrun_net", widths=(8, 16, 16, 16), stem=stem, residual=residual,
-                         act=act).eval()
+                         act=act, stem_norm=stem_norm).eval()
     f = F.relu if act == "relu" else F.gelu
     if stem == "whiten":
         model.init_from_data(_correlated_images(8))
@@ -98,11 +100,18 @@ def test_forward_is_the_documented_layout(stem, residual, act):
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
         x = torch.randn(3, 3, 32, 32)
-        if stem == "whiten":
-            h = f(_bn(model.stem_norm, F.conv2d(x, model.stem.conv.weight)))
-            assert h.shape[1:] == (24, 31, 31)
+        conv = model.stem.conv if stem == "whiten" else model.stem
+        if stem_norm:
+            assert conv.bias is None
+            norm = lambda z: _bn(model.stem_norm, z)    # noqa: E731
         else:
-            h = f(_bn(model.stem_norm, F.conv2d(x, model.stem.weight, padding=1)))
+            assert not any(isinstance(m, NormAct) for m in (model.stem, model.stem_norm))
+            assert conv.bias.requires_grad and not conv.bias.any()      # trained, from zero
+            conv.bias.normal_()
+            norm = lambda z: z + conv.bias.view(1, -1, 1, 1)    # noqa: E731
+        h = f(norm(F.conv2d(x, conv.weight, padding=0 if stem == "whiten" else 1)))
+        if stem == "whiten":
+            assert h.shape[1:] == (24, 31, 31)
         for block in (model.block1, model.block2, model.block3):
             h = f(_bn(block.norm1, F.max_pool2d(F.conv2d(h, block.conv1.weight, padding=1), 2)))
             h = f(_bn(block.norm2, F.conv2d(h, block.conv2.weight, padding=1)) + (h if residual else 0))

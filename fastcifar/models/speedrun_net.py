@@ -20,7 +20,9 @@ Options for experiments (`--model-opt KEY=VALUE`): `residual=false` drops the th
 (airbench94's plain conv-pool-BN-act-conv-BN-act block); `dirac_init=true` starts each 3x3 conv
 as the identity on its first in_channels outputs, as airbench94 initialises its convs;
 `act=gelu` puts airbench94's GELU wherever ReLU is (fused into the BN kernels like ReLU: every
-NormAct runs BN (+ skip) + GELU in one pass on the triton backend).
+NormAct runs BN (+ skip) + GELU in one pass on the triton backend). `stem_norm=false` is
+airbench94's stem: the stem conv gets a bias (from zero, at the BN shifts' rate) and no
+BatchNorm follows it.
 
 Status: its time against the airbench94 baseline is NOT yet measured on a GPU, and the `fast`
 recipe below is still to be tuned there (see bench/README.md). CPU runs (fp32, seed 0, the JPEG
@@ -47,6 +49,8 @@ copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
     ... the default with act=gelu, 10 epochs          90.20%   train_cpu_speedrun_net_gelu_10.json
     ... act=gelu at 8 epochs                          89.37%   train_cpu_speedrun_net_gelu_8.json
     ... act=gelu, optimizer=muon, 8 epochs            89.49%   train_cpu_speedrun_net_gelu_muon01_8.json
+    ... seed 1, 8 epochs: ReLU / act=gelu      88.69% / 89.16%   train_cpu_speedrun_net_relu_8_s1.json,
+                                                               train_cpu_speedrun_net_gelu_8_s1.json
     airbench94 on the same copy (9.9 epochs)          90.59%   airbench_cpu_jpeg.json
 
 The whitening stem did as well with 0.78x the FLOPs (0.79x the CPU training time). The BN
@@ -61,10 +65,12 @@ settings lost too: its weight decay (2e-3 of the weights per step at the peak, 5
 0.56 points, and its whole optimizer (peak lr 1.5 for a mean loss, Nesterov 0.85, that weight
 decay, peak at 23%, ending at 7% of the peak) 0.45; its weight averaging (Lookahead every 5
 steps with a cubic ramp, `lookahead_ramp`) in place of the EMA cost 0.49. GELU in place of ReLU
-is the one airbench94 choice that gained, in all three paired runs: +0.30 at 10 epochs, +0.60
-at 8, +0.46 at 8 with Muon. ReLU stays the default until GPU runs (fp16, several seeds) confirm
+is the one airbench94 choice that gained, in all four paired runs: +0.30 at 10 epochs, +0.60
+and +0.47 at 8 (seeds 0 and 1), +0.46 at 8 with Muon. ReLU stays the default until GPU runs (fp16, several seeds) confirm
 it and time the cost (bench/README.md, `tune`); GELU is fused into the Triton kernels as ReLU
-is, and costs a few more instructions per element in passes that are memory-bound.
+is, and costs a few more instructions per element in passes that are memory-bound. (A run's
+config and checkpoint record only the model options given, so changing a default also changes
+what older checkpoints rebuild as: the switch waits for the evidence that justifies it.)
 """
 from __future__ import annotations
 
@@ -155,13 +161,17 @@ class PatchWhitening(nn.Module):
     Until `init_from_data` is called the filters are random (as any fresh conv's); a trained
     model's filters are in its state dict like any other weight."""
 
-    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4):
+    def __init__(self, in_channels: int = 3, kernel_size: int = 2, eps: float = 5e-4,
+                 bias: bool = False):
         super().__init__()
         self.patch_dim = in_channels * kernel_size * kernel_size
         self.out_channels = 2 * self.patch_dim
         self.eps = float(eps)
-        self.conv = nn.Conv2d(in_channels, self.out_channels, kernel_size, bias=False)
+        # bias: a learnable per-channel shift (zero at the start) after the fixed filters
+        self.conv = nn.Conv2d(in_channels, self.out_channels, kernel_size, bias=bias)
         self.conv.weight.requires_grad_(False)
+        if bias:
+            nn.init.zeros_(self.conv.bias)
 
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor) -> None:
@@ -187,23 +197,33 @@ STEMS = ("conv", "whiten")
 class SpeedrunNet(nn.Module):
     def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False, residual: bool = True, act: str = "relu"):
+                 dirac_init: bool = False, residual: bool = True, act: str = "relu",
+                 stem_norm: bool = True):
         super().__init__()
         w0, w1, w2, w3 = widths
         if stem == "conv":
             # A 32-channel stem at full resolution: the first block's conv then sees a nonlinear,
             # normalised 32-channel input instead of 3 raw colour channels. Kept narrow because
             # every op at 32x32 costs 4x what it would after the first pool.
-            self.stem = nn.Conv2d(3, w0, 3, padding=1, bias=False)
+            self.stem = nn.Conv2d(3, w0, 3, padding=1, bias=not stem_norm)
+            if not stem_norm:
+                nn.init.zeros_(self.stem.bias)
         elif stem == "whiten":
             # Fixed 2x2 patch whitening (24 channels at 31x31; widths[0] is not used): no
             # weights to learn at full resolution, and about a fifth fewer FLOPs in all, since
             # every later map is one pixel smaller per side (15, 7, 3 instead of 16, 8, 4).
-            self.stem = PatchWhitening(3, 2)
+            self.stem = PatchWhitening(3, 2, bias=not stem_norm)
             w0 = self.stem.out_channels
         else:
             raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-        self.stem_norm = norm_act(w0, act)
+        if stem_norm:
+            self.stem_norm = norm_act(w0, act)
+        else:
+            # airbench94's stem: the stem conv's own bias, then the activation, no BatchNorm
+            # (the whitened channels already have unit variance); the bias is a 1-D parameter,
+            # so it trains at the BN shifts' rate (bias_lr_scale)
+            norm_act(w0, act)       # validates `act`
+            self.stem_norm = nn.GELU() if act == "gelu" else nn.ReLU()
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
@@ -284,7 +304,8 @@ FAST = Recipe(
 )
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
-                 dirac_init: bool = False, residual: bool = True, act: str = "relu") -> nn.Module:
+                 dirac_init: bool = False, residual: bool = True, act: str = "relu",
+                 stem_norm: bool = True) -> nn.Module:
     return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
                        num_classes=num_classes, stem=stem, dirac_init=dirac_init, residual=residual,
-                       act=act)
+                       act=act, stem_norm=stem_norm)
