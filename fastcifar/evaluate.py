@@ -123,7 +123,9 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     dev = torch.device(resolve_device(device))
 
     num_classes = int(ckpt.get("num_classes", 10))
-    model = create_model(ckpt["model_name"], num_classes=num_classes, **ckpt.get("model_options", {}))
+    # every option as the network was built (older checkpoints: the options given)
+    options = ckpt.get("model_options_full") or ckpt.get("model_options", {})
+    model = create_model(ckpt["model_name"], num_classes=num_classes, **options)
     model.load_state_dict(ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"])
     model = model.to(dev, memory_format=torch.channels_last)
     test_loader = make_loader(loader, str(beton), batch_size, train=False, aug=None, device=dev,

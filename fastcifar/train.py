@@ -104,6 +104,7 @@ class Run:
     n_params: int
     notes: list
     data: DataFiles
+    model_options_full: dict          # every builder option, as this run's network was built
     last_eval: Optional[dict] = None
 
 
@@ -174,7 +175,11 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     random.seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model, net = _model(cfg, len(classes), info, device)
+    # the network as first built: every builder option, defaults included, so that a resumed
+    # run or an evaluated checkpoint rebuilds it even after a default has changed (checkpoints
+    # from before this was recorded fall back to the options given and today's defaults)
+    full_options = (ckpt or {}).get("model_options_full") or _full_options(cfg)
+    model, net = _model(cfg, full_options, len(classes), info, device)
     train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
     if ckpt is None:   # resumed: the checkpoint holds the initialised weights
         _init_from_data(model, data, train_loader, device, clock)
@@ -199,7 +204,8 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
         lock = _claim(run_dir, info)
     if main:
         atomic_write_json(run_dir / "config.json", {
-            "config": dataclasses.asdict(cfg), "recipe": recipe.to_dict(), "notes": notes,
+            "config": dataclasses.asdict(cfg), "model_options_full": full_options,
+            "recipe": recipe.to_dict(), "notes": notes,
             "world_size": info.world_size, "steps_per_epoch": steps_per_epoch,
             "params": n_params, "classes": classes})
     log = RunLog(run_dir, main, cfg.progress, check_tensorboard(cfg.tensorboard) and main,
@@ -219,14 +225,21 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     return Run(cfg=cfg, recipe=recipe, info=info, device=device, run_dir=run_dir, model=model, net=net,
                eval_net=eval_net, step=step, train_loader=train_loader, test_loader=test_loader,
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
-               lock=lock, target=target, n_params=n_params, notes=notes, data=data)
+               lock=lock, target=target, n_params=n_params, notes=notes, data=data,
+               model_options_full=full_options)
 
 
-def _model(cfg: TrainConfig, num_classes: int, info: dist.DistInfo, device: torch.device):
+def _full_options(cfg: TrainConfig) -> dict:
+    from fastcifar.models import full_model_options
+
+    return full_model_options(cfg.model, **cfg.model_options)
+
+
+def _model(cfg: TrainConfig, options: dict, num_classes: int, info: dist.DistInfo, device: torch.device):
     """The model (channels-last on the device) and what trains it: compiled, in DDP."""
     from fastcifar.models import create_model
 
-    model = create_model(cfg.model, bn_backend=cfg.bn_backend, num_classes=num_classes, **cfg.model_options)
+    model = create_model(cfg.model, bn_backend=cfg.bn_backend, num_classes=num_classes, **options)
     model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     if info.enabled:
@@ -445,7 +458,8 @@ def _save(run: Run) -> None:
     run.state.times = run.clock.state()
     cfg = run.cfg
     save_checkpoint(run.run_dir / "last.pt", dict(
-        format=CHECKPOINT_FORMAT, model_name=cfg.model, model_options=cfg.model_options, num_classes=len(run.classes),
+        format=CHECKPOINT_FORMAT, model_name=cfg.model, model_options=cfg.model_options,
+        model_options_full=run.model_options_full, num_classes=len(run.classes),
         model=run.model.state_dict(), **run.step.state_dict(), rng=rng_state(),
         state=dataclasses.asdict(run.state), config=dataclasses.asdict(cfg), recipe=run.recipe.to_dict()))
     run.clock.checkpoint(time.perf_counter() - t0)

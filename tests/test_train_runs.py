@@ -144,6 +144,40 @@ def test_unwritable_run_folder_is_one_line_before_any_work(data, tmp_path):
     assert r.stderr.startswith("error: run folder") and "is a file" in r.stderr
 
 
+def test_a_checkpoint_rebuilds_its_network_after_a_default_changes(data, tmp_path, monkeypatch):
+    """The run records every builder option (defaults included): after a default changes,
+    --resume and `fastcifar evaluate` still build the network the run trained, not today's."""
+    import inspect
+
+    from fastcifar.evaluate import run_eval
+    from fastcifar.models import full_model_options, registry
+
+    out = tmp_path / "run"
+    train(small_config(data, out, max_steps=4))
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    full = ckpt["model_options_full"]
+    assert full == full_model_options(MODEL, **TINY) and full["act"] == "relu" and full["widths"] == TINY["widths"]
+    assert json.loads((out / "config.json").read_text())["model_options_full"] == full
+    # the builder's default activation changes from relu to gelu
+    original = registry._REGISTRY[MODEL]["builder"]
+    built = []
+
+    def changed(**kw):
+        kw.setdefault("act", "gelu")
+        built.append(kw["act"])
+        return original(**kw)
+
+    sig = inspect.signature(original)
+    changed.__signature__ = sig.replace(parameters=[p.replace(default="gelu") if p.name == "act" else p
+                                                    for p in sig.parameters.values()])
+    monkeypatch.setitem(registry._REGISTRY[MODEL], "builder", changed)
+    assert full_model_options(MODEL, **TINY)["act"] == "gelu"       # a fresh run would get GELU
+    s = train(TrainConfig(resume=str(out), progress=False))           # to the end of the run
+    r = run_eval(out, quiet=True)
+    assert built == ["relu", "relu"]                                  # the resumed run, the evaluation
+    assert s["status"] == "completed" and r["acc"] == pytest.approx(s["final_acc"])
+
+
 def test_max_steps_says_where_it_stopped(data, tmp_path, capsys):
     out = tmp_path / "run"
     s = train(small_config(data, out, max_steps=4))

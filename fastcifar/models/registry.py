@@ -97,6 +97,17 @@ def create_model(name: str, bn_backend: str = "eager", **options) -> nn.Module:
     return set_bn_backend(builder(**options), bn_backend)
 
 
+def full_model_options(name: str, **options) -> dict:
+    """``options`` with every other option of the builder at its current default (num_classes
+    apart, which the data decides), as JSON values. Runs record this beside the options given,
+    so that a checkpoint rebuilds the same network after a default changes."""
+    params = inspect.signature(_entry(name)["builder"]).parameters
+    full = {k: p.default for k, p in params.items()
+            if p.default is not inspect.Parameter.empty and k != "num_classes"}
+    full.update({k: v for k, v in options.items() if k != "num_classes"})
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
+
+
 def count_params(model: nn.Module) -> int:
     """Trainable parameters; a tensor shared by several layers counts once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -68,9 +68,9 @@ steps with a cubic ramp, `lookahead_ramp`) in place of the EMA cost 0.49. GELU i
 is the one airbench94 choice that gained, in all four paired runs: +0.30 at 10 epochs, +0.60
 and +0.47 at 8 (seeds 0 and 1), +0.46 at 8 with Muon. ReLU stays the default until GPU runs (fp16, several seeds) confirm
 it and time the cost (bench/README.md, `tune`); GELU is fused into the Triton kernels as ReLU
-is, and costs a few more instructions per element in passes that are memory-bound. (A run's
-config and checkpoint record only the model options given, so changing a default also changes
-what older checkpoints rebuild as: the switch waits for the evidence that justifies it.)
+is, and costs a few more instructions per element in passes that are memory-bound. (Runs
+record every model option, defaults included, so a later switch of the default leaves their
+checkpoints rebuilding the network they trained.)
 """
 from __future__ import annotations
 
