@@ -7,7 +7,8 @@
 # the data on the fresh machine) and writes its results into $OUT as it goes:
 #   call1   GPU tests (kernels incl. production shapes, compile, models), bench_bn_relu for the
 #           shapes of speedrun_net and resnet_2111, one resnet_2111 train step per BN backend
-#                                     -> preflight.json, pytest_gpu.xml, bench_bn_relu.json
+#                                     -> preflight.json, pytest_gpu.xml, kernel_errors_gpu.json,
+#                                        bench_bn_relu.json
 #   call2   fastcifar speedrun --model speedrun_net with airbench94 ($SPEEDRUN_RUNS: 3 on a first
 #           visit, 5 once call 2 is known to fit)   -> preflight.json, speedrun_speedrun_net.json,
 #                                                       leaderboard/ (2 entries)
@@ -18,7 +19,8 @@
 #   preflight           imports, CUDA, C compiler, a tiny Triton kernel, data (converted if needed),
 #                       in <= 60 s; exits 1 naming what is missing       -> preflight.json
 #   env                 versions, nvidia-smi                             -> env.json
-#   kernels             GPU tests + bench/bench_bn_relu.py (all shapes)  -> pytest_gpu.xml, bench_bn_relu.json
+#   kernels             GPU tests + bench/bench_bn_relu.py (all shapes)  -> pytest_gpu.xml, kernel_errors_gpu.json,
+#                                                                           bench_bn_relu.json
 #                       (BN_ACT=gelu: GELU wherever the zoo has ReLU     -> bench_bn_relu_gelu.json)
 #   loaders             bench/bench_loaders.py                           -> bench_loaders.json
 #   train [MODEL...]    bench/bench_train.py (all zoo models by default) -> bench_train.json
@@ -82,7 +84,7 @@ TUNE_GRID=${TUNE_GRID:-$(for e in $EPOCHS_SWEEP; do printf 'epochs=%s ' "$e"; do
 TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
 EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe overrides for speedrun and tune
 NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net model options (speedrun, tune)
-GPU_TESTS=${GPU_TESTS:-"tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
+GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_gpu.py tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 BN_ACT=${BN_ACT:-relu}                           # bench_bn_relu's activation: relu, or gelu (-> bench_bn_relu_gelu.json)
 PY=${PYTHON:-python3}
@@ -191,6 +193,7 @@ gpu_tests() {  # $1: time limit
   # pytest-timeout plugin is installed, so one hanging test cannot take the whole step
   local per_test=()
   $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_S:-120}")
+  FASTCIFAR_KERNEL_ERRORS="$OUT/kernel_errors_gpu.json" \
   step --max "$1" $PY -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
     --junitxml="$OUT/pytest_gpu.xml" $GPU_TESTS
 }
