@@ -67,6 +67,9 @@ def main(argv=None) -> dict:
     p.add_argument("--wait-steps", type=int, default=30, help="steps timed one by one for the data-wait share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for every model's builder, as `fastcifar train --model-opt` "
+                        "(e.g. act=gelu for speedrun_net); repeatable")
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new (model, backend) after this many seconds; the rest are recorded as skipped")
@@ -75,8 +78,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import fastcifar.models as zoo
+    from fastcifar.cli import _model_options
+    from fastcifar.errors import UserError
     from fastcifar.results import atomic_write_text, device_slug
     from fastcifar.machine import device_name, machine_info, versions
+
+    try:
+        args.model_opt = _model_options(args.model_opt)
+    except UserError as e:
+        p.error(str(e))
 
     with contextlib.ExitStack() as stack:
         if args.dry_run:
@@ -143,11 +153,13 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
     from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, forward_flops
     from fastcifar.step import benchmark_step
 
-    rows = [{"model": model_name, "bn_backend": backend, "loader": kind} for kind in loaders]
+    options = args.model_opt            # parsed into a dict by main
+    rows = [dict({"model": model_name, "bn_backend": backend, "loader": kind},
+                 **({"model_options": options} if options else {})) for kind in loaders]
     gpu = device.type == "cuda"
     try:
         train_step, recipe, batch = benchmark_step(model_name, backend, device, args.batch_size,
-                                                   compile=not args.no_compile)
+                                                   compile=not args.no_compile, model_options=options)
         count = iter(range(10**12))
 
         def step(images, labels):
@@ -158,7 +170,7 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
                 row.update(_measure(step, row["loader"], recipe, batch, train_beton, device, args),
                            params=sum(p.numel() for p in train_step.params), compiled=not args.no_compile)
                 # arithmetic throughput: images/s x ~3 forward passes' FLOPs per image
-                row["train_gflop_per_image"] = TRAIN_FLOPS_PER_FORWARD * forward_flops(model_name) / 1e9
+                row["train_gflop_per_image"] = TRAIN_FLOPS_PER_FORWARD * forward_flops(model_name, **options) / 1e9
                 row["achieved_tflops"] = row["images_per_s"] * row["train_gflop_per_image"] / 1e3
             except Exception as e:  # recorded, not fatal: the other configurations still run
                 row["error"] = f"{type(e).__name__}: {e}"

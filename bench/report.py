@@ -135,7 +135,8 @@ def train_section(f: Path, d: dict, matmul: dict[str, float]) -> list[str]:
               f"device" if peak else ""), ""]
     rows = []
     for r in d["rows"]:
-        head = [r["model"], r["bn_backend"], r["loader"]]
+        opts = " ".join(f"{k}={v}" for k, v in (r.get("model_options") or {}).items())
+        head = [f"{r['model']} ({opts})" if opts else r["model"], r["bn_backend"], r["loader"]]
         if "error" in r:
             rows.append(head + [f"failed: {r['error'][:80]}"] + [""] * 6)
             continue

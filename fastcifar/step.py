@@ -105,11 +105,12 @@ class TrainStep:
 
 
 def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch_size: int | None = None,
-                   compile: bool = True) -> tuple[TrainStep, object, int]:
+                   compile: bool = True, model_options: dict | None = None) -> tuple[TrainStep, object, int]:
     """A zoo model's `fast`-recipe step as the benchmarks (bench_train.py, profile_step.py) time
     it: channels-last on ``device``, fp16 on a GPU and fp32 on the CPU, compiled unless told not
     to, seeded, cuDNN autotuning on; the recipe rescaled if ``batch_size`` differs from its own;
     the schedule over nominal 50,000-image epochs (a step's cost does not depend on it).
+    ``model_options`` go to the model's builder (e.g. speedrun_net's act="gelu").
     Returns (step, recipe, batch size)."""
     from fastcifar.models import create_model, get_recipe
 
@@ -121,7 +122,8 @@ def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch
     torch.manual_seed(0)
     if gpu:
         torch.backends.cudnn.benchmark = True
-    model = create_model(model_name, bn_backend=bn_backend).to(device, memory_format=torch.channels_last)
+    model = create_model(model_name, bn_backend=bn_backend, **(model_options or {}))
+    model = model.to(device, memory_format=torch.channels_last)
     net = torch.compile(model) if compile else model
     per_epoch = max(50_000 // batch, 1)
     step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch, recipe.epochs * per_epoch)

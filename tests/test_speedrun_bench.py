@@ -81,6 +81,21 @@ def test_bench_train_names_the_configuration_it_is_in(tmp_path, monkeypatch):
     assert stored["machine"]["versions"]["torch"] and "compile_cache" not in stored["machine"]
 
 
+def test_bench_train_model_options(tmp_path):
+    """--model-opt reaches the builder (a bad value fails the row, not the run) and is recorded;
+    a malformed one is refused before any work."""
+    out = tmp_path / "b.json"
+    _bench_train().main(["--dry-run", "--loaders", "gpu", "--model-opt", "act=gelu", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["model_options"] == {"act": "gelu"} and "error" not in row and row["images_per_s"] > 0
+    _bench_train().main(["--dry-run", "--loaders", "gpu", "--model-opt", "act=silu", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert "unknown activation 'silu'" in row["error"]
+    with pytest.raises(SystemExit):
+        _bench_train().main(["--dry-run", "--model-opt", "act", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_bench_train_unknown_model(tmp_path):
     with pytest.raises(SystemExit, match="unknown model"):
         _bench_train().main(["--dry-run", "--models", "no_such_net", "--out", str(tmp_path / "x.json")])
