@@ -109,7 +109,8 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
     from fastcifar.step import benchmark_step
 
     gpu = device.type == "cuda"
-    step, _, batch = benchmark_step(model_name, backend, device, args.batch_size, compile=not args.no_compile)
+    step, _, batch = benchmark_step(model_name, backend, device, args.batch_size, compile=not args.no_compile,
+                                    model_options=args.model_opt)
     images = torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float16 if gpu else torch.float32)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -149,6 +150,8 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
            "profiled_host_ms_per_step": host_ms,
            **summarize_events(prof.key_averages(), args.profile_steps, gpu, args.top)}
     row["device_idle_share"] = max(0.0, 1 - row["kernel_ms_per_step"] / step_ms) if gpu else None
+    if args.model_opt:
+        row["model_options"] = args.model_opt
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
@@ -185,11 +188,20 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for every model's builder, as `fastcifar train --model-opt` "
+                        "(e.g. act=gelu for speedrun_net); repeatable")
     p.add_argument("--trace-dir", type=Path, default=None, help="also write Chrome traces here")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry-run", action="store_true", help="CPU smoke run: batch 4, 1+1+1 steps, no compile")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    from fastcifar.cli import _model_options
+    from fastcifar.errors import UserError
+    try:
+        args.model_opt = _model_options(args.model_opt)
+    except UserError as e:
+        p.error(str(e))
     if args.dry_run:
         args.device, args.no_compile, args.batch_size = "cpu", True, args.batch_size or 4
         args.warmup, args.steps, args.profile_steps = 1, 1, 1

@@ -170,7 +170,8 @@ def profile_section(f: Path, d: dict) -> list[str]:
            f"(torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
     rows = []
     for r in d["rows"]:
-        head = [r["model"], r["bn_backend"]]
+        opts = " ".join(f"{k}={v}" for k, v in (r.get("model_options") or {}).items())
+        head = [f"{r['model']} ({opts})" if opts else r["model"], r["bn_backend"]]
         if "error" in r:
             rows.append(head + [f"failed: {r['error'][:80]}", "", "", "", ""])
             continue

@@ -292,13 +292,14 @@ def test_profile_step_dry_run(tmp_path):
     prof = _bench("profile_step")
     out = tmp_path / "p.json"
     result = prof.main(["--dry-run", "--models", "speedrun_net", "--backends", "eager", "compiled",
-                        "--trace-dir", str(tmp_path / "traces"), "--out", str(out)])
+                        "--model-opt", "act=gelu", "--trace-dir", str(tmp_path / "traces"), "--out", str(out)])
     stored = json.loads(out.read_text())
     assert stored["kind"] == "profile_step" and stored["dry_run"] and stored["machine"]["versions"]["torch"]
     assert [(r["model"], r["bn_backend"]) for r in stored["rows"]] == [("speedrun_net", "eager"),
                                                                       ("speedrun_net", "compiled")]
     for r in stored["rows"]:
         assert "error" not in r, r
+        assert r["model_options"] == {"act": "gelu"}
         cats = r["by_category"]
         assert sum(c["ms_per_step"] for c in cats.values()) == pytest.approx(r["kernel_ms_per_step"])
         assert sum(c["launches_per_step"] for c in cats.values()) == pytest.approx(r["kernels_per_step"])
@@ -310,7 +311,7 @@ def test_profile_step_dry_run(tmp_path):
     assert stored["rows"] == json.loads(json.dumps(result["rows"]))
     text = _bench("report").report([out], include_dry_run=True)
     conv = stored["rows"][0]["by_category"]["convolution"]
-    assert "### Where a training step's time goes: CPU" in text and "| speedrun_net | compiled |" in text
+    assert "### Where a training step's time goes: CPU" in text and "| speedrun_net (act=gelu) | compiled |" in text
     assert f"convolution {conv['ms_per_step']:.2f} ms ({conv['launches_per_step']:.0f})" in text
 
     assert prof.category("fwd_stats_kernel") == "bn_triton" and prof.category("bwd_dx_kernel") == "bn_triton"
