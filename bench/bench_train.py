@@ -54,6 +54,8 @@ LOADERS = ("ffcv", "gpu")
 
 
 def main(argv=None) -> dict:
+    from fastcifar.step import add_model_opt_argument
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None,
@@ -67,9 +69,7 @@ def main(argv=None) -> dict:
     p.add_argument("--wait-steps", type=int, default=30, help="steps timed one by one for the data-wait share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
-    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for every model's builder, as `fastcifar train --model-opt` "
-                        "(e.g. act=gelu for speedrun_net); repeatable")
+    add_model_opt_argument(p)
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new (model, backend) after this many seconds; the rest are recorded as skipped")
@@ -78,15 +78,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     import fastcifar.models as zoo
-    from fastcifar.cli import _model_options
-    from fastcifar.errors import UserError
     from fastcifar.results import atomic_write_text, device_slug
     from fastcifar.machine import device_name, machine_info, versions
-
-    try:
-        args.model_opt = _model_options(args.model_opt)
-    except UserError as e:
-        p.error(str(e))
 
     with contextlib.ExitStack() as stack:
         if args.dry_run:
@@ -153,7 +146,7 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
     from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, forward_flops
     from fastcifar.step import benchmark_step
 
-    options = args.model_opt            # parsed into a dict by main
+    options = args.model_opt
     rows = [dict({"model": model_name, "bn_backend": backend, "loader": kind},
                  **({"model_options": options} if options else {})) for kind in loaders]
     gpu = device.type == "cuda"

@@ -177,6 +177,7 @@ def format_row(r: dict) -> str:
 def main(argv=None) -> dict:
     from beton_data.files import atomic_write_json
     from fastcifar.models import model_names
+    from fastcifar.step import add_model_opt_argument
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,20 +189,12 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="option for every model's builder, as `fastcifar train --model-opt` "
-                        "(e.g. act=gelu for speedrun_net); repeatable")
+    add_model_opt_argument(p)
     p.add_argument("--trace-dir", type=Path, default=None, help="also write Chrome traces here")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dry-run", action="store_true", help="CPU smoke run: batch 4, 1+1+1 steps, no compile")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    from fastcifar.cli import _model_options
-    from fastcifar.errors import UserError
-    try:
-        args.model_opt = _model_options(args.model_opt)
-    except UserError as e:
-        p.error(str(e))
     if args.dry_run:
         args.device, args.no_compile, args.batch_size = "cpu", True, args.batch_size or 4
         args.warmup, args.steps, args.profile_steps = 1, 1, 1

@@ -94,6 +94,12 @@ def _title(what: str, d: dict) -> str:
     return f"### {what}: {_device(d)}" + (" (DRY RUN: meaningless timings)" if is_dry_run(d) else "")
 
 
+def _model_label(row: dict) -> str:
+    """The row's model, with the builder options it was measured with (bench_train, profile_step)."""
+    opts = " ".join(f"{k}={v}" for k, v in (row.get("model_options") or {}).items())
+    return f"{row['model']} ({opts})" if opts else row["model"]
+
+
 def _rate(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
 
@@ -135,8 +141,7 @@ def train_section(f: Path, d: dict, matmul: dict[str, float]) -> list[str]:
               f"device" if peak else ""), ""]
     rows = []
     for r in d["rows"]:
-        opts = " ".join(f"{k}={v}" for k, v in (r.get("model_options") or {}).items())
-        head = [f"{r['model']} ({opts})" if opts else r["model"], r["bn_backend"], r["loader"]]
+        head = [_model_label(r), r["bn_backend"], r["loader"]]
         if "error" in r:
             rows.append(head + [f"failed: {r['error'][:80]}"] + [""] * 6)
             continue
@@ -170,8 +175,7 @@ def profile_section(f: Path, d: dict) -> list[str]:
            f"(torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
     rows = []
     for r in d["rows"]:
-        opts = " ".join(f"{k}={v}" for k, v in (r.get("model_options") or {}).items())
-        head = [f"{r['model']} ({opts})" if opts else r["model"], r["bn_backend"]]
+        head = [_model_label(r), r["bn_backend"]]
         if "error" in r:
             rows.append(head + [f"failed: {r['error'][:80]}", "", "", "", ""])
             continue

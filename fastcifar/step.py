@@ -104,6 +104,27 @@ class TrainStep:
             self.ema.load_state_dict(state["ema"])
 
 
+def add_model_opt_argument(parser) -> None:
+    """The benchmarks' ``--model-opt KEY=VALUE`` (repeatable), parsed as `fastcifar train`
+    parses it: ``args.model_opt`` is a dict for `benchmark_step`; a malformed item is a usage
+    error before any work."""
+    import argparse
+
+    class ModelOptions(argparse.Action):
+        def __call__(self, parser, namespace, value, option_string=None):
+            from fastcifar.cli import _model_options
+            from fastcifar.errors import UserError
+            try:
+                parsed = _model_options([value])
+            except UserError as e:
+                parser.error(str(e))
+            setattr(namespace, self.dest, {**getattr(namespace, self.dest), **parsed})
+
+    parser.add_argument("--model-opt", action=ModelOptions, default={}, metavar="KEY=VALUE",
+                        help="option for every model's builder, as `fastcifar train --model-opt` "
+                             "(e.g. act=gelu for speedrun_net); repeatable")
+
+
 def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch_size: int | None = None,
                    compile: bool = True, model_options: dict | None = None) -> tuple[TrainStep, object, int]:
     """A zoo model's `fast`-recipe step as the benchmarks (bench_train.py, profile_step.py) time

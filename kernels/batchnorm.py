@@ -343,8 +343,10 @@ def _setup_context(ctx, inputs, output):
     # with a residual the activation's gradient reads y (ReLU) or the residual (GELU); see
     # bn_kernels' docstring
     aux = None
-    if residual is not None:
-        aux = {"relu": output, "gelu": residual}.get(act)
+    if residual is not None and act == "relu":
+        aux = output
+    elif residual is not None and act == "gelu":
+        aux = residual
     ctx.save_for_backward(x, weight, bias, mean, var, aux)
 
 

@@ -29,8 +29,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from fastcifar.models.norm import bn_act
 from kernels import bn_relu
 from kernels.reference import bn_relu_reference
 from test_kernels import DEV, make_inputs
@@ -71,10 +71,7 @@ def _poison(monkeypatch, no_tf32):
 
 def _native(x, w, b, rm, rv, r, act):
     """What the eager backend runs: cuDNN's batch norm on a GPU, then the add and activation."""
-    y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
-    if r is not None:
-        y = y + r
-    return F.relu(y) if act == "relu" else F.gelu(y)
+    return bn_act(x, w, b, rm, rv, True, 0.1, 1e-5, residual=r, act=act)
 
 
 def _fused(x, w, b, rm, rv, r, act):

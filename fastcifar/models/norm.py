@@ -1,8 +1,8 @@
 """BatchNorm + (residual add) + activation as one module, with a switchable backend.
 
 Every model in the zoo sends each BatchNorm->ReLU pair, and each BatchNorm->add->ReLU at a
-residual join, through ``NormAct`` (the activation is ReLU, GELU or none). That gives the speed work one place to swap the
-implementation without touching model code:
+residual join, through ``NormAct`` (the activation is ReLU, GELU or none). That gives the
+speed work one place to swap the implementation without touching model code:
 
     eager     F.batch_norm, then add, then the activation (nn.BatchNorm2d + nn.ReLU/nn.GELU)
     compiled  the same function through torch.compile (compiled once per process, shared by

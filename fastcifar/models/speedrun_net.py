@@ -111,9 +111,9 @@ class Block(nn.Module):
         self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = norm_act(c_out, act)
+        self.norm1 = NormAct(c_out, act=act)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2 = norm_act(c_out, act)
+        self.norm2 = NormAct(c_out, act=act)
         if dirac_init:
             for conv in (self.conv1, self.conv2):
                 identity_init_(conv)
@@ -123,15 +123,8 @@ class Block(nn.Module):
         return self.norm2(self.conv2(h), residual=h if self.residual else None)
 
 
+# ReLU, or airbench94's GELU: both fused into NormAct with the BN and the skip's add
 ACTIVATIONS = ("relu", "gelu")
-
-
-def norm_act(channels: int, act: str) -> NormAct:
-    """BatchNorm (+ skip) + activation as one NormAct: ReLU, or airbench94's GELU, both fused
-    with the BN and the skip's add (one kernel per pass on the triton backend)."""
-    if act not in ACTIVATIONS:
-        raise UserError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return NormAct(channels, act=act)
 
 
 @torch.no_grad()
@@ -205,6 +198,8 @@ class SpeedrunNet(nn.Module):
                  dirac_init: bool = False, residual: bool = True, act: str = "relu",
                  stem_norm: bool = True):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise UserError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
         w0, w1, w2, w3 = widths
         if stem == "conv":
             # A 32-channel stem at full resolution: the first block's conv then sees a nonlinear,
@@ -222,12 +217,11 @@ class SpeedrunNet(nn.Module):
         else:
             raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         if stem_norm:
-            self.stem_norm = norm_act(w0, act)
+            self.stem_norm = NormAct(w0, act=act)
         else:
             # airbench94's stem: the stem conv's own bias, then the activation, no BatchNorm
             # (the whitened channels already have unit variance); the bias is a 1-D parameter,
             # so it trains at the BN shifts' rate (bias_lr_scale)
-            norm_act(w0, act)       # validates `act`
             self.stem_norm = nn.GELU() if act == "gelu" else nn.ReLU()
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
