@@ -17,7 +17,7 @@ For each case and each of y, dx, d_residual, dweight, dbias:
 and the running statistics within 1e-4 of the reference.
 
 With FASTCIFAR_KERNEL_ERRORS=FILE set (bench/gpu_suite.sh does), every case's errors are
-written to FILE as JSON at the end of the session, with the device and versions.
+written to FILE as JSON, with the device and versions, rewritten after each case.
 
 Skipped without CUDA; `test_the_check_itself_on_the_cpu` runs the same code on a small shape in
 the Triton interpreter (the CPU's native batch_norm standing in for cuDNN), so CI checks the
@@ -25,6 +25,7 @@ check.
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -46,12 +47,12 @@ SHAPES = [(24, 31, 31, False), (64, 15, 15, False), (64, 15, 15, True), (256, 7,
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-RECORD: list = []      # one entry per compared case, written out by _write_errors
+RECORD: list = []      # one entry per compared case, each written out by _save_errors
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_errors():
-    yield
+def _save_errors():
+    """Rewrite $FASTCIFAR_KERNEL_ERRORS (atomically) after each case, so a session cut short
+    by a time limit keeps every case it finished."""
     path = os.environ.get("FASTCIFAR_KERNEL_ERRORS")
     if path and RECORD:
         from fastcifar.machine import device_name, versions
@@ -113,6 +114,7 @@ def compare(shape, dtype_name, channels_last, act, residual, seed=0, fused=_fuse
                    "residual": residual, "fused": fused.__name__,
                    "errors": {k: {"fused": f, "native": n, "bound": bounds[k], "ok": f <= bounds[k]}
                               for k, (f, n) in errors.items()}})
+    _save_errors()
     for k, (e_fused, e_native) in errors.items():
         assert e_fused <= bounds[k], f"{k}: fused error {e_fused:.2e} > {bounds[k]:.2e} (native {e_native:.2e})"
     return errors
@@ -134,12 +136,18 @@ def test_largest_shape_bf16_and_nchw(dtype, channels_last):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real thing above")
 @pytest.mark.parametrize("act", ["relu", "gelu"])
-def test_the_check_itself_on_the_cpu(act):
-    """The comparison runs and passes on a small shape in the interpreter, and fails when the
-    fused gradient is wrong (d_residual scaled by 1.01 here)."""
+def test_the_check_itself_on_the_cpu(act, tmp_path, monkeypatch):
+    """The comparison runs and passes on a small shape in the interpreter, writes the case to
+    $FASTCIFAR_KERNEL_ERRORS at once, and fails when the fused gradient is wrong (d_residual
+    scaled by 1.01 here)."""
     assert DEV.type == "cpu"
+    out = tmp_path / "errors.json"
+    monkeypatch.setenv("FASTCIFAR_KERNEL_ERRORS", str(out))
     errors = compare((8, 64, 8, 8), "fp16", True, act, True, seed=1)
     assert set(errors) == {"y", "dx", "dweight", "dbias", "running_mean", "running_var", "dresidual"}
+    last = json.loads(out.read_text())["cases"][-1]
+    assert (last["shape"], last["act"], last["residual"]) == ([8, 64, 8, 8], act, True)
+    assert last["errors"]["dx"]["fused"] == errors["dx"][0] and last["errors"]["dx"]["ok"]
 
     class Scale(torch.autograd.Function):      # the residual's gradient 1% too large
         @staticmethod
