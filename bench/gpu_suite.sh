@@ -62,8 +62,8 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  call1|call2|call3|preflight|env|kernels|loaders|train|calibrate|speedrun|tune|profile|all) ;;
-  *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, kernels, loaders, train," \
+  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|tune|profile|all) ;;
+  *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, tests, kernels, loaders, train," \
           "calibrate, speedrun, tune, profile or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
@@ -188,14 +188,44 @@ EOF
 }
 
 gpu_tests() {  # $1: time limit
-  # -v: each test's outcome reaches the log as it ends (the junit file is written only at the end,
-  # so a run stopped by its limit would otherwise leave nothing); a per-test limit where the
-  # pytest-timeout plugin is installed, so one hanging test cannot take the whole step
-  local per_test=()
+  # TEST_SHARDS pytest processes at once, each running every N-th test (tests/conftest.py
+  # --shard; the production-shape cases all in shard 0, which writes kernel_errors_gpu.json).
+  # Most of the GPU tests' time is Triton compiling ~330 kernel specialisations, one at a time
+  # per process, and the node has 16 cores. -v: each test's outcome reaches the log as it ends,
+  # prefixed with its shard (junit files are written only at the end, then merged into
+  # pytest_gpu.xml, so a run stopped by its limit still logs what it did); a per-test limit where
+  # the pytest-timeout plugin is installed, so one hanging test cannot take the whole step.
+  local n=${TEST_SHARDS:-6} i tmp per_test=() pids=()
   $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_S:-120}")
-  FASTCIFAR_KERNEL_ERRORS="$OUT/kernel_errors_gpu.json" \
-  step --max "$1" $PY -m pytest -v -rs -p no:cacheprovider --durations=15 "${per_test[@]}" \
-    --junitxml="$OUT/pytest_gpu.xml" $GPU_TESTS
+  tmp=$(mktemp -d /tmp/gpu_tests.XXXXXX)
+  say "GPU tests in $n shards: $GPU_TESTS"
+  for ((i = 0; i < n; i++)); do
+    ( FASTCIFAR_KERNEL_ERRORS="$OUT/kernel_errors_gpu.json" \
+      step --max "$1" $PY -m pytest -v -rs -p no:cacheprovider --durations=10 "${per_test[@]}" \
+        --shard "$i/$n" --junitxml="$tmp/shard_$i.xml" $GPU_TESTS 2>&1 | sed -u "s/^/[shard $i] /" ) &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { say "GPU tests: shard $i failed"; failed=$((failed + 1)); }
+  done
+  $PY - "$tmp" "$OUT/pytest_gpu.xml" <<'EOF'
+import glob, os, sys, xml.etree.ElementTree as ET
+shards = sorted(glob.glob(os.path.join(sys.argv[1], "shard_*.xml")))
+root = ET.Element("testsuites")
+for path in shards:
+    top = ET.parse(path).getroot()
+    for suite in ([top] if top.tag == "testsuite" else list(top)):
+        suite.set("name", f"{suite.get('name')} ({os.path.basename(path)[:-4]})")
+        root.append(suite)
+if shards:
+    tmp = sys.argv[2] + ".tmp"
+    ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True)
+    os.replace(tmp, sys.argv[2])
+total = lambda key: sum(int(s.get(key, 0)) for s in root)
+print(f"GPU tests: {len(shards)} shard reports merged into {sys.argv[2]}: {total('tests')} tests, "
+      f"{total('failures')} failures, {total('errors')} errors, {total('skipped')} skipped")
+EOF
+  rm -rf "$tmp"
 }
 
 bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per BN backend
@@ -205,6 +235,8 @@ bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per B
   local name=bench_bn_relu; [ "$BN_ACT" = relu ] || name=bench_bn_relu_$BN_ACT
   step $PY bench/bench_bn_relu.py --act "$BN_ACT" --shape-time-limit "$shape_s" "$@" --out "$OUT/$name.json"
 }
+
+stage_tests() { gpu_tests "$(left)"; }
 
 stage_kernels() { gpu_tests 240; bn_relu; }
 
@@ -307,6 +339,7 @@ stage_preflight   # a failure is counted; the stage goes on unless the data is m
 case "$stage" in
   preflight) ;;
   env) stage_env ;;
+  tests) stage_tests ;;
   kernels) stage_kernels ;;
   loaders) need_data; stage_loaders ;;
   train) need_data; stage_train "$@" ;;

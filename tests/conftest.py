@@ -31,3 +31,49 @@ def no_tf32():
     cudnn.allow_tf32 = matmul.allow_tf32 = False
     yield
     cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+# --shard I/N: run every N-th test (0-based), so that N pytest processes share a many-core GPU
+# machine. On a GPU most of the kernel tests' time is Triton compiling each specialisation, one
+# at a time per process (bench/gpu_suite.sh runs the GPU tests this way). Tests marked
+# `one_shard` (their cases share one results file) all run in shard 0.
+def pytest_addoption(parser):
+    parser.addoption("--shard", metavar="I/N", default=None,
+                     help="run only shard I of N (0 <= I < N): every N-th test; `one_shard` tests in shard 0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "one_shard: with --shard, all of these run in shard 0")
+
+
+def _parse_shard(spec: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise pytest.UsageError(f"--shard {spec!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"--shard {spec!r}: need 0 <= I < N")
+    return i, n
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    i, n = _parse_shard(spec)
+    keep, drop, k = [], [], 0
+    for item in items:
+        if item.get_closest_marker("one_shard"):
+            mine = i == 0
+        else:
+            mine, k = k % n == i, k + 1
+        (keep if mine else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # a shard left with no tests (more shards than tests) has nothing to fail
+    if session.config.getoption("--shard") and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK

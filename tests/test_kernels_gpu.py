@@ -37,6 +37,8 @@ from kernels.reference import bn_relu_reference
 from test_kernels import DEV, make_inputs
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# every case appends to one results file: with --shard (tests/conftest.py) they share a process
+pytestmark = pytest.mark.one_shard
 
 BATCH = 512
 TOL = 2.0 ** -10

@@ -371,3 +371,64 @@ def test_gpu_suite_tune_runs_each_grid_setting(tmp_path):
     assert varied["model_options"]["stem"] == "conv" and varied["recipe_fields"]["weight_decay"] == 0.001
     with tarfile.open(out / "tune_speedrun_net.tar.gz") as tar:
         assert sorted(tar.getnames()) == files
+
+
+def _collect(*args) -> subprocess.CompletedProcess:
+    import sys
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_shard_option_partitions_the_tests():
+    """--shard I/N (tests/conftest.py) splits the tests into N disjoint parts that together are
+    all of them, the `one_shard` production-shape cases all in shard 0; a bad I/N is a usage error."""
+    files = ["tests/test_kernels_gpu.py", "tests/test_results.py"]
+
+    def ids(*extra):
+        r = _collect(*extra, *files)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [line for line in r.stdout.splitlines() if "::" in line]
+
+    everything = ids()
+    shards = [ids("--shard", f"{i}/3") for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(everything) and len(set(sum(shards, []))) == len(everything)
+    production = [t for t in everything if t.startswith("tests/test_kernels_gpu.py")]
+    assert len(production) >= 20 and set(production) <= set(shards[0])
+    assert all(shards[1:]) and all(not t.startswith("tests/test_kernels_gpu.py") for t in shards[1] + shards[2])
+    for bad in ("3/3", "x/2", "1"):
+        r = _collect("--shard", bad, *files)
+        assert r.returncode == 4 and "--shard" in r.stderr, (bad, r.stderr)
+
+
+def test_gpu_suite_tests_stage_runs_shards_at_once(tmp_path):
+    """The `tests` stage runs the GPU tests as TEST_SHARDS pytest processes at once, prefixes each
+    log line with its shard, merges their junit reports into pytest_gpu.xml, and fails the stage
+    when one shard has a failing test."""
+    import sys
+    import xml.etree.ElementTree as ET
+
+    from train_helpers import make_data
+
+    data = make_data(tmp_path / "data", n_train=64, n_test=32)
+    failing = tmp_path / "test_failing.py"
+    failing.write_text("def test_fails():\n    assert 1 == 2\n")
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(tmp_path / "res"),
+           "PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "PYTHONPATH": str(REPO), "TEST_SHARDS": "3",
+           "COMPILE_CACHE_DIR": str(tmp_path / "cache"),
+           "GPU_TESTS": f"tests/test_kernels_gpu.py tests/test_results.py {failing}"}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "tests"], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=REPO)
+    log = r.stdout
+    assert r.returncode != 0
+    for i in range(3):
+        assert f"[shard {i}] " in log
+    assert "PASSED" in log and "test_fails FAILED" in log and log.count("GPU tests: shard ") == 1
+    suites = ET.parse(out / "pytest_gpu.xml").getroot()
+    assert suites.tag == "testsuites" and len(suites) == 3
+    total = _collect("tests/test_kernels_gpu.py", "tests/test_results.py", str(failing)).stdout.count("::")
+    assert sum(int(s.get("tests")) for s in suites) == total
+    assert sum(int(s.get("failures")) for s in suites) == 1
+    import torch
+    if not torch.cuda.is_available():       # the production-shape cases, skipped here, are counted too
+        assert sum(int(s.get("skipped")) for s in suites) >= 20
