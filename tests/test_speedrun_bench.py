@@ -191,8 +191,10 @@ def test_gpu_suite_preflight_on_cpu(tmp_path):
 def test_gpu_suite_carries_compile_caches(tmp_path):
     """A call unpacks the compile cache an earlier call left (COMPILE_CACHE_IN), points
     TorchInductor and Triton at it, says in every results file that it ran warm, and packs the
-    cache into $OUT for the next call; with no cache it says "cold"; a cache over CACHE_MAX_MB
-    is not brought back (a call carries at most 64 MiB)."""
+    cache into $OUT for the next call; with no cache it says "cold". A cache over CACHE_MAX_MB
+    is packed again without Triton's intermediate files (.ptx and the like, which loading a
+    cached kernel does not need), and not brought back if it is still too big (a call carries at
+    most 64 MiB)."""
     import sys
     import tarfile
 
@@ -200,9 +202,12 @@ def test_gpu_suite_carries_compile_caches(tmp_path):
 
     data = make_data(tmp_path / "data", n_train=64, n_test=32)
     seed = tmp_path / "seed"
-    (seed / "triton" / "abc").mkdir(parents=True)
-    (seed / "triton" / "abc" / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
-    carried = tmp_path / "compile_cache.tar.gz"
+    entry = seed / "triton" / "abc"
+    entry.mkdir(parents=True)
+    (entry / "kernel.cubin").write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    (entry / "kernel.json").write_text('{"name": "kernel"}')
+    (entry / "kernel.ptx").write_bytes(os.urandom(3 << 20))      # 3 MiB that no compressor shrinks
+    carried = tmp_path / "compile_cache.tar.gz"                     # what a node without xz packs
     with tarfile.open(carried, "w:gz") as tar:
         tar.add(seed, arcname=".")
 
@@ -215,20 +220,29 @@ def test_gpu_suite_carries_compile_caches(tmp_path):
                            text=True, env=env, timeout=300)
         return out, r.stdout
 
+    def packed(out):
+        [path] = out.glob("compile_cache.tar.*")
+        assert path.suffix in (".xz", ".gz")
+        with tarfile.open(path) as tar:         # either compression
+            return set(tar.getnames())
+
     out, log = call("warm", COMPILE_CACHE_IN=str(carried))
-    assert "compile cache: warm: 1 files" in log
-    assert json.loads((out / "preflight.json").read_text())["machine"]["compile_cache"].startswith("warm: 1 files")
-    with tarfile.open(out / "compile_cache.tar.gz") as tar:      # packed again, with what the call added
-        names = tar.getnames()
-    assert "./triton/abc/kernel.cubin" in names
+    assert "compile cache: warm: 3 files" in log
+    assert json.loads((out / "preflight.json").read_text())["machine"]["compile_cache"].startswith("warm: 3 files")
+    assert {"./triton/abc/kernel.cubin", "./triton/abc/kernel.ptx"} <= packed(out)   # packed again, whole
     assert (tmp_path / "cache_warm" / "triton" / "abc" / "kernel.cubin").is_file()
 
     out, log = call("cold", COMPILE_CACHE_IN=str(tmp_path / "absent.tar.gz"))
     assert "compile cache: cold" in log
     assert json.loads((out / "preflight.json").read_text())["machine"]["compile_cache"] == "cold"
 
+    out, log = call("pruned", COMPILE_CACHE_IN=str(carried), CACHE_MAX_MB="2")
+    assert "packed without Triton's intermediate files" in log
+    names = packed(out)
+    assert {"./triton/abc/kernel.cubin", "./triton/abc/kernel.json"} <= names and "./triton/abc/kernel.ptx" not in names
+
     out, log = call("big", COMPILE_CACHE_IN=str(carried), CACHE_MAX_MB="0")
-    assert "compile cache not packed" in log and not (out / "compile_cache.tar.gz").exists()
+    assert "compile cache not packed" in log and not list(out.glob("compile_cache.tar.*"))
     assert not list(out.glob("*.tmp")) and sorted(p.name for p in out.iterdir()) == ["preflight.json",
                                                                                       "suite_preflight.log"]
 
