@@ -96,9 +96,9 @@ export PYTHONUNBUFFERED=1
 # would compile the same Triton kernels and inductor graphs again. TorchInductor's and Triton's
 # caches live in $CACHE_ROOT; a call unpacks $CACHE_IN (the compile_cache.tar.xz, or .tar.gz
 # where the node has no xz, that an earlier call left in $OUT, copied into the carried bundle)
-# before its first step and packs the cache into $OUT after its last. FASTCIFAR_COMPILE_CACHE ("cold" or "warm: ...") is
-# recorded in every results file (machine_info): a compile time measured warm is not a
-# cold-start figure.
+# before its first step and packs the cache into $OUT after its last. FASTCIFAR_COMPILE_CACHE
+# ("cold" or "warm: ...") is recorded in every results file (machine_info): a compile time
+# measured warm is not a cold-start figure.
 CACHE_IN=${COMPILE_CACHE_IN:-$(ls .gpu/compile_cache.tar.xz .gpu/compile_cache.tar.gz 2>/dev/null | head -n 1)}
 CACHE_ROOT=${COMPILE_CACHE_DIR:-/tmp/fastcifar-compile-cache}
 # the next call carries the bundle, the cache and the tree (~1 MiB): 64 MiB in all; a file that
