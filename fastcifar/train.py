@@ -178,7 +178,8 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     # the network as first built: every builder option, defaults included, so that a resumed
     # run or an evaluated checkpoint rebuilds it even after a default has changed (checkpoints
     # from before this was recorded fall back to the options given and today's defaults)
-    full_options = (ckpt or {}).get("model_options_full") or _full_options(cfg)
+    from fastcifar.models import full_model_options
+    full_options = (ckpt or {}).get("model_options_full") or full_model_options(cfg.model, **cfg.model_options)
     model, net = _model(cfg, full_options, len(classes), info, device)
     train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
     if ckpt is None:   # resumed: the checkpoint holds the initialised weights
@@ -227,12 +228,6 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
                lock=lock, target=target, n_params=n_params, notes=notes, data=data,
                model_options_full=full_options)
-
-
-def _full_options(cfg: TrainConfig) -> dict:
-    from fastcifar.models import full_model_options
-
-    return full_model_options(cfg.model, **cfg.model_options)
 
 
 def _model(cfg: TrainConfig, options: dict, num_classes: int, info: dist.DistInfo, device: torch.device):

@@ -421,6 +421,8 @@ def test_gpu_suite_tests_stage_runs_shards_at_once(tmp_path):
     import sys
     import xml.etree.ElementTree as ET
 
+    import torch
+
     from train_helpers import make_data
 
     data = make_data(tmp_path / "data", n_train=64, n_test=32)
@@ -443,6 +445,5 @@ def test_gpu_suite_tests_stage_runs_shards_at_once(tmp_path):
     total = _collect("tests/test_kernels_gpu.py", "tests/test_results.py", str(failing)).stdout.count("::")
     assert sum(int(s.get("tests")) for s in suites) == total
     assert sum(int(s.get("failures")) for s in suites) == 1
-    import torch
     if not torch.cuda.is_available():       # the production-shape cases, skipped here, are counted too
         assert sum(int(s.get("skipped")) for s in suites) >= 20
