@@ -31,11 +31,13 @@ How torch.compile sees the ops (`VISIBLE_TO_COMPILER`):
   cannot work: the interpreter reads tensor data, which traced tensors do not have; and
   inductor cannot launch a user Triton kernel without a GPU driver.)
 
-Outside torch.compile both run the same Python and the same launches. Launch geometry is
-cached per (shape, layout, device), so a step re-derives nothing.
+Outside torch.compile both run the same Python and the same launches, each straight to its
+kernel (`_direct_launches`: not through torch's wrapper op, ~0.5 ms a launch). Launch
+geometry is cached per (shape, layout, device), so a step re-derives nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -77,6 +79,23 @@ else:
     def wrap_triton(kernel):
         """The ops are opaque to the compiler here: launch the kernel as it is."""
         return kernel
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:         # torch < 2.6: no wrap_triton, nothing to switch off
+    def set_wrap_triton_enabled(enabled: bool):
+        return contextlib.nullcontext()
+
+
+def _direct_launches():
+    """Within: `wrap_triton(kernel)[grid](...)` launches the kernel itself. Outside it, and
+    outside torch.compile, every such launch goes through torch's triton_kernel_wrapper
+    higher-order op, whose dispatch cost ~0.5 ms of host time per launch on the H100 node
+    (bench_bn_relu.json: 3-4 ms per fused forward+backward at any shape, cuDNN 0.2-0.5 ms).
+    The triton_ops switch it off for their own eager calls; the eager path here bypasses
+    the ops (see _EagerBNReLU), so it switches it off itself. Thread-local: the backward,
+    which autograd may run on another thread, enters it again."""
+    return set_wrap_triton_enabled(False)
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,7 +404,8 @@ class _EagerBNReLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, backward)
+        with _direct_launches():
+            return _grads(ctx, dy, backward)
 
 
 # ----------------------------------------------------------------------------------------
@@ -454,14 +474,15 @@ def bn_relu(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Optional[Tens
             mean, var = running_mean, running_var
         return torch.ops.fastcifar.bn_relu_apply(x, weight, bias, mean, var, residual,
                                                  training, eps, act_name)
-    if training:
-        mean, var = stats_(x.detach(), running_mean, running_var, num_batches_tracked, factor,
-                           momentum is None)
-        # what the op's declared mutation would do: autograd then notices a graph that saved
-        # these buffers (an eval-mode forward) being run backward after they changed
-        for t in (running_mean, running_var, num_batches_tracked):
-            if t is not None:
-                increment_version(t)
-    else:
-        mean, var = running_mean, running_var
-    return _EagerBNReLU.apply(x, weight, bias, mean, var, residual, training, eps, act_name)
+    with _direct_launches():
+        if training:
+            mean, var = stats_(x.detach(), running_mean, running_var, num_batches_tracked,
+                               factor, momentum is None)
+            # what the op's declared mutation would do: autograd then notices a graph that
+            # saved these buffers (an eval-mode forward) being run backward after they changed
+            for t in (running_mean, running_var, num_batches_tracked):
+                if t is not None:
+                    increment_version(t)
+        else:
+            mean, var = running_mean, running_var
+        return _EagerBNReLU.apply(x, weight, bias, mean, var, residual, training, eps, act_name)

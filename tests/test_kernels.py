@@ -401,6 +401,35 @@ def test_launches_per_step(monkeypatch):
     assert mod.num_batches_tracked.item() == 1
 
 
+def test_eager_launches_bypass_the_wrapper_op(monkeypatch):
+    """Outside torch.compile every launch, forward and backward, goes straight to its kernel:
+    with torch's wrap_triton switched on (its default), each launch would go through the
+    triton_kernel_wrapper higher-order op, ~0.5 ms of host time apiece on a GPU. The switch is
+    back on afterwards (it is thread-local state the caller owns)."""
+    from torch._library.triton import is_wrap_triton_enabled
+    assert is_wrap_triton_enabled()
+    seen = []
+    cls = type(K.fwd_stats_kernel)
+    original = cls.run
+
+    def run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, is_wrap_triton_enabled()))
+        with _disable_current_modes():
+            return original(self, *args, **kwargs)
+    monkeypatch.setattr(cls, "run", run)
+    for act, res in (("relu", True), ("gelu", False)):
+        x = torch.randn(4, 8, 3, 3, device=DEV, requires_grad=True)
+        r = torch.randn_like(x, requires_grad=True) if res else None
+        w, b = torch.rand(8, device=DEV, requires_grad=True), torch.randn(8, device=DEV)
+        rm, rv = torch.zeros(8, device=DEV), torch.ones(8, device=DEV)
+        bn_relu(x, w, b, rm, rv, True, residual=r, act=act).sum().backward()
+        with torch.no_grad():
+            bn_relu(x, w, b, rm, rv, False, act=act)
+    assert {name for name, _ in seen} == set(KERNELS)
+    assert [name for name, enabled in seen if enabled] == []
+    assert is_wrap_triton_enabled()
+
+
 def test_geometry_is_cached(monkeypatch):
     """Launch geometry is computed once per (shape, layout, device, overrides): a second
     training step derives nothing."""
