@@ -14,7 +14,13 @@ What it measures (training mode, fp16, channels-last, batch 512 unless told othe
      compiled  torch.compile of that eager function
    Each call takes its inputs from the next of several buffer sets, together larger than twice
    the L2 cache, so a timed call never finds its inputs in L2 (do_bench also flushes L2).
-2. Achieved bandwidth = minimum bytes / time, against the device's copy bandwidth (a 1 GiB
+   On a GPU each is also timed by its kernels alone (`*_kernel_ms`, torch.profiler: the
+   device time of the kernels a call launches, summed, and per kernel in `*_kernels_us`).
+   The two differ when the host cannot launch as fast as the device runs: the first H100
+   run measured 3-4 ms between events for the fused kernels at every shape, the cost of
+   launching through torch's wrapper op (since removed), not of the kernels. Bandwidth
+   figures use kernel time where there is one.
+2. Achieved bandwidth = minimum bytes / time (event time and kernel time), against the device's copy bandwidth (a 1 GiB
    device-to-device copy, bytes read + written). Minimum bytes, E = N*C*H*W*2 (one fp16
    activation tensor); a per-channel reduction must finish before any output can be written,
    so the input is read once per pass:
@@ -147,6 +153,32 @@ def bench_ms(fn, quick: bool, rep_ms: int = 100) -> float:
     return statistics.median(times)
 
 
+def kernel_time(fn, calls: int) -> tuple[float | None, dict]:
+    """Device time per call summed over the kernels `fn` launches (torch.profiler), and each
+    kernel's microseconds per call: the kernels' own cost, without the gaps the host leaves
+    between launches, which CUDA events around a call include (a call whose launches cost
+    more host time than its kernels take is timed by its host code). (None, {}) on the CPU."""
+    if not HAVE_CUDA:
+        return None, {}
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per_call = {}
+    for evt in prof.key_averages():
+        if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = next((float(v) for v in (getattr(evt, a, None) for a in ("device_time_total",
+                                                                       "cuda_time_total"))
+                   if v is not None), 0.0)          # torch renamed the field
+        if us > 0:
+            per_call[evt.key] = per_call.get(evt.key, 0.0) + us / calls
+    return sum(per_call.values()) / 1e3, per_call
+
+
 def copy_bandwidth_gbps(device, quick: bool) -> float:
     """Device-to-device copy of 1 GiB (64 MiB on CPU): (bytes read + written) / time."""
     n = (1 << 30 if HAVE_CUDA else 1 << 26) // 2
@@ -187,8 +219,10 @@ def fused_bn_act(x, w, b, rm, rv, residual, act):
 
 
 def time_shape(impls: dict, N, C, H, W, residual, act, device, dtype, quick) -> dict:
-    """Forward+backward milliseconds of each implementation on one shape, or the error it
-    raised (as "ExceptionType: message")."""
+    """Per implementation on one shape: {"ms": forward+backward milliseconds between CUDA
+    events (host gaps included), "kernel_ms": the same calls' kernel time (profiler; None on
+    the CPU), "kernels": microseconds per call of each kernel}, or the error it raised (as
+    "ExceptionType: message")."""
     numel = N * C * H * W
     per_set = numel * dtype.itemsize * (3 + (2 if residual else 0))   # x, dy, y (+ r, dr)
     n_sets = max(2, min(16, triton.cdiv(2 * l2_bytes(device), per_set)))
@@ -216,7 +250,9 @@ def time_shape(impls: dict, N, C, H, W, residual, act, device, dtype, quick) -> 
             torch.autograd.grad(y, inputs, dy)
 
         try:
-            out[name] = bench_ms(step, quick)
+            ms = bench_ms(step, quick)
+            k_ms, per_kernel = kernel_time(step, 5 if quick else 20)
+            out[name] = {"ms": ms, "kernel_ms": k_ms, "kernels": per_kernel}
         except Exception as e:  # one implementation failing must not cost the others
             out[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -265,6 +301,17 @@ def summarize(rows: list, impls, copy_gbps: float, n_shapes: int, n_layers: int)
         return sum(r["count"] * r[key] for r in ok)
 
     fused_gbps = weighted("min_bytes") / (weighted("fused_ms") * 1e-3) / 1e9
+    kernel = {}
+    if all(f"{k}_kernel_ms" in r for r in ok for k in impls):
+        k_gbps = weighted("min_bytes") / (weighted("fused_kernel_ms") * 1e-3) / 1e9
+        kernel = {
+            "zoo_weighted_kernel_ms": {k: weighted(f"{k}_kernel_ms") for k in impls},
+            "kernel_speedup_vs_eager": weighted("eager_kernel_ms") / weighted("fused_kernel_ms"),
+            "kernel_speedup_vs_compiled": (weighted("compiled_kernel_ms")
+                                           / weighted("fused_kernel_ms")),
+            "fused_kernel_GBps_weighted": k_gbps,
+            "fused_kernel_frac_of_copy_bw": k_gbps / copy_gbps,
+        }
     return {
         "covers": f"{len(ok)} of {n_shapes} shapes, {sum(r['count'] for r in ok)} of "
                   f"{n_layers} layers",
@@ -274,6 +321,7 @@ def summarize(rows: list, impls, copy_gbps: float, n_shapes: int, n_layers: int)
         "fused_GBps_weighted": fused_gbps,
         "fused_frac_of_copy_bw": fused_gbps / copy_gbps,
         "floor_ms_at_copy_bw": weighted("min_bytes") / (copy_gbps * 1e9) * 1e3,
+        **kernel,
     }
 
 
@@ -365,16 +413,25 @@ def main(argv=None) -> dict:
         for k, v in ms.items():
             if isinstance(v, str):
                 row[f"{k}_error"] = v
-            else:
-                row[f"{k}_ms"] = v
-                row[f"{k}_GBps"] = nbytes["total"] / (v * 1e-3) / 1e9
+                continue
+            row[f"{k}_ms"] = v["ms"]
+            row[f"{k}_GBps"] = nbytes["total"] / (v["ms"] * 1e-3) / 1e9
+            if v["kernel_ms"]:
+                row[f"{k}_kernel_ms"] = v["kernel_ms"]
+                row[f"{k}_kernel_GBps"] = nbytes["total"] / (v["kernel_ms"] * 1e-3) / 1e9
+                row[f"{k}_kernels_us"] = {name[:120]: us for name, us in
+                                          sorted(v["kernels"].items(), key=lambda kv: -kv[1])}
         if "fused_ms" in row:
             row["fused_frac_of_copy_bw"] = row["fused_GBps"] / copy_gbps
+        if "fused_kernel_ms" in row:
+            row["fused_kernel_frac_of_copy_bw"] = row["fused_kernel_GBps"] / copy_gbps
         rows.append(row)
         result["summary"] = summarize(rows, impls, copy_gbps, len(shapes), n_layers)
         write_result(out_path, result)
         print(f"  C={C:4d} {H:2d}x{W:<2d} res={int(residual)} act={act or 'none'} x{count:<3d} "
-              + "  ".join(f"{k} {v:8.3f} ms" if not isinstance(v, str) else f"{k} FAILED"
+              + "  ".join(f"{k} {v['ms']:8.3f} ms" + (f" (kernels {v['kernel_ms']:.3f})"
+                                                       if v["kernel_ms"] else "")
+                          if not isinstance(v, str) else f"{k} FAILED"
                           for k, v in ms.items()), file=sys.stderr)
 
     if not args.skip_train_step:
@@ -397,16 +454,21 @@ def main(argv=None) -> dict:
 
     print(f"\n{name}  ({'DRY RUN: interpreter timings, meaningless' if args.dry_run else dtype})"
           f"  copy bandwidth {copy_gbps:.0f} GB/s  matmul {mm_tflops:.1f} TFLOP/s  -> {out_path}")
+    print("(ms: between CUDA events, host gaps included; k: kernel time alone, profiler)")
     print(f"{'C':>5} {'HxW':>5} {'res':>3} {'act':>4} {'n':>3} {'fused ms':>9} {'eager':>8} "
-          f"{'compiled':>8} {'fused GB/s':>10} {'%copy':>6}")
-    def cell(r, key, width, fmt):
-        return format(r[key], fmt).rjust(width) if key in r else "failed".rjust(width)
+          f"{'compiled':>8} {'fused k':>8} {'eager k':>8} {'comp k':>8} {'k GB/s':>7} {'%copy':>6}")
+    def cell(r, key, width, fmt):    # "-": not measured (kernel time on the CPU)
+        if key in r:
+            return format(r[key], fmt).rjust(width)
+        return ("failed" if f"{key.split('_')[0]}_error" in r else "-").rjust(width)
 
     for r in rows:
         print(f"{r['C']:5d} {r['H']:>2}x{r['W']:<2} {int(r['residual']):3d} {r['act'] or 'none':>4} "
               f"{r['count']:3d} {cell(r, 'fused_ms', 9, '.3f')} {cell(r, 'eager_ms', 8, '.3f')} "
-              f"{cell(r, 'compiled_ms', 8, '.3f')} {cell(r, 'fused_GBps', 10, '.0f')} "
-              f"{cell(r, 'fused_frac_of_copy_bw', 5, '.0%')}")
+              f"{cell(r, 'compiled_ms', 8, '.3f')} {cell(r, 'fused_kernel_ms', 8, '.3f')} "
+              f"{cell(r, 'eager_kernel_ms', 8, '.3f')} {cell(r, 'compiled_kernel_ms', 8, '.3f')} "
+              f"{cell(r, 'fused_kernel_GBps', 7, '.0f')} "
+              f"{cell(r, 'fused_kernel_frac_of_copy_bw', 5, '.0%')}")
     if skipped:
         print(f"({len(skipped)} shapes not timed: --shape-time-limit reached)")
     if "zoo_weighted_ms" in summary:
@@ -417,6 +479,12 @@ def main(argv=None) -> dict:
               f"(x{summary['speedup_vs_compiled']:.2f}); "
               f"floor at copy bandwidth {summary['floor_ms_at_copy_bw']:.2f} ms "
               f"({summary['covers']})")
+    if "zoo_weighted_kernel_ms" in summary:
+        k = summary["zoo_weighted_kernel_ms"]
+        print(f"zoo-weighted kernel time: fused {k['fused']:.2f} ms, eager {k['eager']:.2f} ms "
+              f"(x{summary['kernel_speedup_vs_eager']:.2f}), compiled {k['compiled']:.2f} ms "
+              f"(x{summary['kernel_speedup_vs_compiled']:.2f}); fused at "
+              f"{summary['fused_kernel_frac_of_copy_bw']:.0%} of copy bandwidth")
     if "speedup_triton_vs_compiled" in train:
         print(f"resnet_2111 train step (batch {train['batch']}): triton "
               f"{train['triton']['ms_per_step']:.2f} ms, compiled "

@@ -560,6 +560,31 @@ def test_bench_bn_relu_keeps_going_and_writes_as_it_goes(monkeypatch, tmp_path):
     # one write before the first shape, one after each, one at the end
     assert written == [(0, False)] + [(i + 1, False) for i in range(len(rows))] + [(len(rows), True)]
     assert str(len(rows) - len(failed)) in stored["summary"]["covers"]
+    # kernel time needs the CUDA profiler: on the CPU it is absent, not made up
+    assert not any(k.endswith("kernel_ms") for r in rows for k in r)
+    assert "zoo_weighted_kernel_ms" not in stored["summary"]
+
+
+def test_bench_bn_relu_summary_of_kernel_time():
+    """The zoo-weighted kernel times, their ratios and the bandwidth share follow the rows'
+    layer counts, and are left out unless every implementation has kernel time on every
+    shape timed."""
+    bench = _load_bench("bench_bn_relu")
+    impls = {"fused": None, "eager": None, "compiled": None}
+    rows = [{"count": 3, "min_bytes": 3e9, "fused_ms": 9.0, "eager_ms": 6.0, "compiled_ms": 3.0,
+             "fused_kernel_ms": 1.0, "eager_kernel_ms": 2.0, "compiled_kernel_ms": 1.5},
+            {"count": 1, "min_bytes": 1e9, "fused_ms": 3.0, "eager_ms": 2.0, "compiled_ms": 1.0,
+             "fused_kernel_ms": 2.0, "eager_kernel_ms": 2.0, "compiled_kernel_ms": 2.5}]
+    s = bench.summarize(rows, impls, copy_gbps=4000.0, n_shapes=2, n_layers=4)
+    assert s["zoo_weighted_kernel_ms"] == {"fused": 5.0, "eager": 8.0, "compiled": 7.0}
+    assert s["kernel_speedup_vs_eager"] == pytest.approx(1.6)
+    assert s["kernel_speedup_vs_compiled"] == pytest.approx(1.4)
+    # 10 GB in 5 ms = 2000 GB/s, half of 4000
+    assert s["fused_kernel_GBps_weighted"] == pytest.approx(2000.0)
+    assert s["fused_kernel_frac_of_copy_bw"] == pytest.approx(0.5)
+    assert s["speedup_vs_compiled"] == pytest.approx(10 / 30)
+    del rows[1]["eager_kernel_ms"]
+    assert "zoo_weighted_kernel_ms" not in bench.summarize(rows, impls, 4000.0, 2, 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the host-time benchmark stubs interpreted launches")
