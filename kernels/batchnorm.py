@@ -141,6 +141,9 @@ class Geometry:
         return (_cdiv(self.C, self.merge_block_c),)
 
 
+MIN_ROWS = 64      # rows per program of a reduction pass, at least (see _geometry)
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -162,10 +165,13 @@ def _geometry(N: int, C: int, H: int, W: int, channels_last: bool, device: torch
     block_c = cfg.get("block_c", block_c)
     c_blocks = _cdiv(C, block_c)
     n_blocks = images * _cdiv(S, block_m)
-    # Reduction passes: enough programs to fill the GPU, each looping over several blocks,
-    # but each covering >= 256 rows so that the per-program partials ([P, C] fp32, written
-    # then re-read by the finalize kernel) stay ~2% of the bytes the pass moves.
-    min_blocks = _cdiv(256, block_m)
+    # Reduction passes: enough programs to fill the GPU (8 per SM), each looping over
+    # several blocks, but each covering >= MIN_ROWS rows so that the per-program partials
+    # ([2-3, P, C] fp32, written then re-read by the finalize kernel) stay under ~10% of the
+    # bytes the pass reads. The floor was 256 rows (~2%) until the H100 profile: on the small
+    # maps of the last stages it left 64-256 programs for 132 SMs (3-6% occupancy), and a
+    # statistics pass over 8-17 MB took 45-55 us, as long as one over 67 MB.
+    min_blocks = _cdiv(MIN_ROWS, block_m)
     if "programs" in cfg:
         target, min_blocks = cfg["programs"], 1
     elif device.type == "cuda":

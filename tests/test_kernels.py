@@ -153,12 +153,18 @@ def test_small_blocks(monkeypatch, shape, cl, dtype, training, residual):
     check_case(shape, dtype, cl, training, "gelu", residual, seed=101)
 
 
-def test_statistics_survive_cancellation():
+@pytest.mark.parametrize("override", [{}, {"block_m": 16, "programs": 2}],
+                         ids=["one-block", "32-blocks-per-program"])
+def test_statistics_survive_cancellation(monkeypatch, override):
     """fp32 activations with mean 1000 and std 0.05: sum(x^2)/n - mean^2 in fp32 loses the
-    variance entirely, the blockwise mean/M2 merge must not."""
+    variance entirely, the blockwise mean/M2 merge must not: neither the merge across
+    programs and lanes nor each lane's running update over many row blocks."""
+    monkeypatch.setattr(impl, "CONFIG_OVERRIDE", override)
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(4, 3, 16, 16, generator=g) * 0.05 + 1000.0)
     x = x.contiguous(memory_format=torch.channels_last).to(DEV)
+    if override:
+        assert impl.geometry(x).blocks_per_prog == 32
     C = x.shape[1]
     rm, rv = torch.zeros(C, device=DEV), torch.ones(C, device=DEV)
     bn_relu(x, torch.ones(C, device=DEV), torch.zeros(C, device=DEV), rm, rv, True, momentum=1.0)
@@ -399,6 +405,25 @@ def test_launches_per_step(monkeypatch):
         mod(x)
     assert dict(counts) == {"fwd_apply_kernel": 1}
     assert mod.num_batches_tracked.item() == 1
+
+
+def test_reduction_geometry_fills_an_h100_at_every_zoo_shape(monkeypatch):
+    """At batch 512, channels-last, on a 132-SM GPU: every zoo shape's reduction passes run at
+    least ~2 programs per SM (the small maps of the last stages once got 64) unless each
+    program is already down to 64 rows (the floor), and their partials stay under
+    10% of the bytes the pass reads (fp16)."""
+    bench = _load_bench("bench_bn_relu")
+    shapes, _ = bench.zoo_shapes()
+    monkeypatch.setattr(impl, "_sm_count", lambda index: 132)
+    impl._geometry.cache_clear()
+    try:
+        for C, H, W, _, _ in shapes:
+            g = impl._geometry(512, C, H, W, True, torch.device("cuda", 0), ())
+            assert (g.P * g.c_blocks >= 256
+                    or g.blocks_per_prog * g.block_m <= 64), (C, H, W, g)
+            assert 3 * g.P * g.C * 4 <= 0.1 * 512 * C * H * W * 2, (C, H, W, g)
+    finally:
+        impl._geometry.cache_clear()
 
 
 def test_eager_launches_bypass_the_wrapper_op(monkeypatch):
