@@ -124,7 +124,8 @@ class Geometry:
     n_blocks: int           # row blocks over all images
     P: int                  # programs per channel block in the reduction passes
     blocks_per_prog: int    # row blocks per reduction program (the kernels derive it too)
-    num_warps: int
+    num_warps: int          # the one-tile passes (apply, dx)
+    reduce_warps: int       # the reduction passes (statistics, backward reduce)
     merge_block_p: int      # the finalize kernels' [BLOCK_P, BLOCK_C] tiles over the partials
     merge_block_c: int
 
@@ -189,6 +190,9 @@ def _geometry(N: int, C: int, H: int, W: int, channels_last: bool, device: torch
                     block_c=block_c, c_blocks=c_blocks, n_blocks=n_blocks, P=P,
                     blocks_per_prog=_cdiv(n_blocks, P),
                     num_warps=4 if block_m * block_c <= 4096 else 8,
+                    # twice the warps: the per-lane accumulators of a 4096-element tile in
+                    # 128 threads took 123-244 registers (sm_90, ptxas), 64-128 in 256
+                    reduce_warps=8 if block_m * block_c >= 2048 else 4,
                     merge_block_p=merge_block_p, merge_block_c=merge_block_c)
 
 
@@ -265,7 +269,7 @@ def stats_(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tens
     wrap_triton(fwd_stats_kernel)[g.reduce_grid](
         x, part, nbt, g.S, g.C, g.n_blocks,
         BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
-        COUNT_BATCH=count_batch, num_warps=g.num_warps)
+        COUNT_BATCH=count_batch, num_warps=g.reduce_warps)
     wrap_triton(fwd_finalize_kernel)[g.merge_grid](
         part, mean, var, running_mean if update else mean, running_var if update else var,
         nbt, g.P, g.C, momentum, BLOCK_P=g.merge_block_p, BLOCK_C=g.merge_block_c,
@@ -312,7 +316,7 @@ def backward(dy: Tensor, x: Tensor, aux: Optional[Tensor], weight: Tensor, bias:
         dy, x, aux if aux is not None else x, dres if write_dres else x, dx, mean, var, weight,
         bias, part, g.S, g.C, g.n_blocks, eps, ACT=code, HAS_RES=write_dres,
         WRITE_DX=not training, BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=g.channels_last,
-        num_warps=g.num_warps)
+        num_warps=g.reduce_warps)
     dweight, dbias = _empty(weight), _empty(bias)
     wrap_triton(bwd_finalize_kernel)[g.merge_grid](
         part, var, dweight, dbias, g.P, g.C, eps,

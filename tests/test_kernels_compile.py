@@ -152,6 +152,68 @@ CAPTURE = textwrap.dedent(r'''
 ''')
 
 
+# Registers and spills of the kernels as the launchers use them on an H100: the geometry
+# (tile, warps) from kernels/batchnorm.py's _geometry for zoo shapes at batch 512, fp16,
+# channels-last, sizes divisible by 16 as at C = 64..512, through ptxas -v (the assembler
+# Triton bundles and uses for sm_90). The reduction passes keep per-lane accumulators; at 4 warps a 4096-element
+# tile took up to 244-255 registers and spilled (GELU with a residual), hence their 8 warps.
+RESOURCES = textwrap.dedent(r"""
+    import collections, itertools, json, os, re, subprocess, sys, tempfile
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import kernels.batchnorm as B
+    import kernels.bn_kernels as K
+
+    try:        # the assembler Triton itself uses for sm_90
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = get_ptxas(90).path
+    except Exception as e:
+        print(json.dumps({"skip": f"no ptxas from this triton: {e}"})); sys.exit(0)
+    ACT = {"x_ptr", "y_ptr", "res_ptr", "aux_ptr", "dy_ptr", "dx_ptr", "dres_ptr"}
+    FLOATS = {"eps", "momentum", "inv_count"}
+    DIV16 = {"S", "C", "n_blocks"}
+
+    def resources(fn, num_warps, **constexprs):
+        sig, attrs = {}, {}
+        for i, (name, p) in enumerate(zip(fn.arg_names, fn.params)):
+            if p.is_constexpr:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*fp16" if name in ACT else "*i64" if name == "nbt_ptr" else "*fp32"
+            else:
+                sig[name] = "fp32" if name in FLOATS else "i32"
+            if name.endswith("_ptr") or name in DIV16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn, sig, constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(k.asm["ptx"])
+        out = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+        os.unlink(f.name)
+        regs = int(re.search(r"Used (\d+) registers", out.stderr).group(1))
+        spill = sum(int(v) for v in re.findall(r"(\d+) bytes spill", out.stderr))
+        return {"registers": regs, "spill_bytes": spill}
+
+    B._sm_count = lambda index: 132
+    rows = []
+    for C, H, W in ((64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4)):
+        g = B._geometry(512, C, H, W, True, torch.device("cuda", 0), ())
+        tile = dict(BLOCK_M=g.block_m, BLOCK_C=g.block_c, CHANNELS_LAST=True)
+        variants = [("fwd_stats_kernel", g.reduce_warps, dict(COUNT_BATCH=True))]
+        for a, res in ((1, False), (1, True), (2, False), (2, True), (0, False)):
+            variants.append(("bwd_reduce_kernel", g.reduce_warps, dict(ACT=a, HAS_RES=res, WRITE_DX=False)))
+            variants.append(("fwd_apply_kernel", g.num_warps, dict(ACT=a, HAS_RES=res)))
+        for a in (0, 1, 2):
+            variants.append(("bwd_dx_kernel", g.num_warps, dict(ACT=a)))
+        for name, warps, extra in variants:
+            r = resources(getattr(K, name), warps, **tile, **extra)
+            rows.append({"kernel": name, "C": C, "H": H, "W": W, "num_warps": warps, **extra, **r})
+    print(json.dumps({"rows": rows}))
+""")
+
+
 def _run(script: str) -> subprocess.CompletedProcess:
     try:
         from triton.backends import backends
@@ -189,3 +251,17 @@ def test_torch_compile_sees_the_kernels():
     assert kernels == ["fwd_stats_kernel", "fwd_finalize_kernel (buffers)", "fwd_apply_kernel"] * 3
     assert [c for c in backward if "kernel" in c] == \
         ["bwd_reduce_kernel", "bwd_finalize_kernel", "bwd_dx_kernel"] * 3
+
+
+def test_production_geometry_compiles_without_spills():
+    """Every kernel variant at the geometry its launcher picks for the zoo's shapes on an
+    H100 (batch 512, fp16, channels-last) assembles for sm_90 with no register spills, and
+    the reduction passes stay at <= 128 registers a thread (>= 2 programs of 8 warps per SM)."""
+    out = json.loads(_run(RESOURCES).stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    rows = out["rows"]
+    assert len(rows) == 4 * 14
+    assert [r for r in rows if r["spill_bytes"]] == []
+    reduce = [r for r in rows if r["kernel"] in ("fwd_stats_kernel", "bwd_reduce_kernel")]
+    assert max(r["registers"] for r in reduce) <= 128, reduce
