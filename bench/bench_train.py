@@ -69,6 +69,8 @@ def main(argv=None) -> dict:
     p.add_argument("--wait-steps", type=int, default=30, help="steps timed one by one for the data-wait share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: torch's default")
     add_model_opt_argument(p)
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")
     p.add_argument("--budget-s", type=float, default=None,
@@ -148,11 +150,14 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
 
     options = args.model_opt
     rows = [dict({"model": model_name, "bn_backend": backend, "loader": kind},
-                 **({"model_options": options} if options else {})) for kind in loaders]
+                 **({"model_options": options} if options else {}),
+                 **({"compile_mode": args.compile_mode} if args.compile_mode else {}))
+            for kind in loaders]
     gpu = device.type == "cuda"
     try:
         train_step, recipe, batch = benchmark_step(model_name, backend, device, args.batch_size,
-                                                   compile=not args.no_compile, model_options=options)
+                                                   compile=not args.no_compile, model_options=options,
+                                                   compile_mode=args.compile_mode)
         count = iter(range(10**12))
 
         def step(images, labels):

@@ -34,7 +34,12 @@
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
 #                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
 #                                                                        -> profile_step.json, profile_traces.tar.gz
+#   overhead [MODEL...] the host overhead: profile_step in torch.compile's default mode and in
+#                       reduce-overhead (CUDA graphs), then speedrun_net vs airbench94 with
+#                       CUDA graphs        -> profile_step.json, profile_step_reduce-overhead.json,
+#                                             profile_traces*.tar.gz, speedrun_speedrun_net_reduce-overhead.json
 #   all                 everything above in order (needs far more than one call)
+# COMPILE_MODE=reduce-overhead runs speedrun, tune, train and profile with CUDA graphs.
 # Every stage also writes suite_<stage>.log. Files land in $OUT (at most 8 per call). Every tool
 # rewrites its results file after each unit (a shape, a model, a loader, a seed), so a step cut
 # short by its time limit keeps what it finished. A failing step does not stop the others; the
@@ -65,9 +70,9 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|tune|profile|all) ;;
+  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|tune|profile|overhead|all) ;;
   *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, tests, kernels, loaders, train," \
-          "calibrate, speedrun, tune, profile or all" >&2; exit 2 ;;
+          "calibrate, speedrun, tune, profile, overhead or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
 GPU_DATA=${GPU_DATA:-.gpu/data}
@@ -90,6 +95,7 @@ NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net 
 GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_gpu.py tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 BN_ACT=${BN_ACT:-relu}                           # bench_bn_relu's activation: relu, or gelu (-> bench_bn_relu_gelu.json)
+COMPILE_MODE=${COMPILE_MODE:-}                   # torch.compile mode for speedrun, tune, train, profile (e.g. reduce-overhead)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # Compile caches carried from call to call. A GPU node starts with empty caches, so every call
@@ -173,6 +179,8 @@ words _kvs "$EXTRA_SET"; for kv in "${_kvs[@]}"; do SETS+=(--set "$kv"); done
 words _kvs "$NET_OPT"; for kv in "${_kvs[@]}"; do NET_OPTS+=(--model-opt "$kv"); done
 NPZ=()
 [ -f "$ORIG_NPZ" ] && NPZ=(--original-npz "$ORIG_NPZ")
+MODE=()
+[ -n "$COMPILE_MODE" ] && MODE=(--compile-mode "$COMPILE_MODE")
 zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
 
 # --- preflight: every later step's needs, one line each; the data converted if missing --------
@@ -266,7 +274,7 @@ stage_train() {
   local sel=()
   [ $# -gt 0 ] && sel=(--models "$@")
   # bench_train stops starting new (model, backend) pairs a minute before the budget ends
-  step $PY bench/bench_train.py --data "$DATA" "${sel[@]}" --budget-s $(( $(left) - 60 )) \
+  step $PY bench/bench_train.py --data "$DATA" "${sel[@]}" "${MODE[@]}" --budget-s $(( $(left) - 60 )) \
     --out "$OUT/bench_train.json"
 }
 
@@ -277,7 +285,7 @@ stage_calibrate() {
 speedrun_one() {  # MODEL OUT_FILE: with the baseline for speedrun_net, without for zoo models
   local m=$1 f=$2 extra=(--no-baseline --runs "$ZOO_RUNS")
   [ "$m" = speedrun_net ] && extra=(--baseline --runs "$SPEEDRUN_RUNS" "${NET_OPTS[@]}")
-  step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
+  step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
 }
 
 stage_speedrun() {
@@ -310,7 +318,7 @@ stage_tune() {
     # one file per setting, named after it: epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
     local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$setting" | tr -c "A-Za-z0-9.-" "_").json"
     step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" "${args[@]}" \
-      --data "$DATA" --out "$f"
+      "${MODE[@]}" --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"
   done
@@ -321,8 +329,20 @@ stage_profile() {
   [ ${#models[@]} -gt 0 ] || models=(resnet_2111 speedrun_net)
   local traces; traces=$(mktemp -d /tmp/profile_traces.XXXXXX)
   step $PY bench/profile_step.py --models "${models[@]}" --backends compiled triton --trace-dir "$traces" \
-    --out "$OUT/profile_step.json"
-  ls "$traces"/*.json.gz >/dev/null 2>&1 && tar czf "$OUT/profile_traces.tar.gz" -C "$traces" .
+    "${MODE[@]}" --out "$OUT/profile_step${COMPILE_MODE:+_$COMPILE_MODE}.json"
+  ls "$traces"/*.json.gz >/dev/null 2>&1 && tar czf "$OUT/profile_traces${COMPILE_MODE:+_$COMPILE_MODE}.tar.gz" -C "$traces" .
+}
+
+stage_overhead() {
+  # The first H100 profile: the compiled step sits idle 30-50% of its time (speedrun_net 51%:
+  # 3.5 ms of kernels in a 7.2 ms step), waiting for the host to launch ~170-280 kernels. CUDA
+  # graphs (torch.compile mode reduce-overhead) replay them without launch gaps. Here: the
+  # step profiled in both modes, then speedrun_net against airbench94 in reduce-overhead.
+  local COMPILE_MODE="" MODE=()
+  stage_profile "$@"
+  COMPILE_MODE=reduce-overhead MODE=(--compile-mode reduce-overhead)
+  stage_profile "$@"
+  speedrun_one speedrun_net "$OUT/speedrun_speedrun_net_reduce-overhead.json"
 }
 
 # --- the three calls --------------------------------------------------------------------------
@@ -364,6 +384,7 @@ case "$stage" in
   speedrun) need_data; stage_speedrun "$@" ;;
   tune) need_data; stage_tune ;;
   profile) stage_profile "$@" ;;
+  overhead) need_data; stage_overhead "$@" ;;
   call1) stage_call1 ;;
   call2) need_data; stage_call2 ;;
   call3) need_data; stage_call3 ;;

@@ -110,7 +110,8 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
 
     gpu = device.type == "cuda"
     step, _, batch = benchmark_step(model_name, backend, device, args.batch_size, compile=not args.no_compile,
-                                    model_options=args.model_opt)
+                                    model_options=args.model_opt,
+                                    compile_mode=args.compile_mode)
     images = torch.randn(batch, 3, 32, 32, device=device, dtype=torch.float16 if gpu else torch.float32)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -146,6 +147,7 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
         sync(device)
     host_ms = 1000 * (time.perf_counter() - t0) / args.profile_steps
     row = {"model": model_name, "bn_backend": backend, "batch_size": batch, "compiled": not args.no_compile,
+           "compile_mode": args.compile_mode,
            "warmup_s": warmup_s, "step_ms": step_ms, "images_per_s": batch / step_ms * 1000,
            "profiled_host_ms_per_step": host_ms,
            **summarize_events(prof.key_averages(), args.profile_steps, gpu, args.top)}
@@ -156,7 +158,8 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             prof.export_chrome_trace(tmp.name)
-            trace = args.trace_dir / f"trace_{model_name}_{backend}.json.gz"
+            mode = f"_{args.compile_mode}" if args.compile_mode else ""
+            trace = args.trace_dir / f"trace_{model_name}_{backend}{mode}.json.gz"
             with open(tmp.name, "rb") as src, gzip.open(trace, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         row["trace"] = str(trace)
@@ -189,6 +192,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-mode", default=None, metavar="MODE",
+                   help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: torch's default")
     add_model_opt_argument(p)
     p.add_argument("--trace-dir", type=Path, default=None, help="also write Chrome traces here")
     p.add_argument("--device", default="cuda")

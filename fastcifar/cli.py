@@ -245,6 +245,10 @@ def speedrun(
     bn_backend: Optional[str] = typer.Option(None, "--bn-backend", help="eager | compiled | triton (default: as `train`)."),
     margin: float = typer.Option(100 * ACCURACY_MARGIN, "--margin", metavar="POINTS",
                                  help="Non-inferiority margin of the accuracy test, in percentage points."),
+    compile_mode: Optional[str] = typer.Option(
+        None, "--compile-mode", metavar="MODE",
+        help="torch.compile mode of the model's runs, e.g. reduce-overhead (CUDA graphs: no launch "
+             "gaps between the step's kernels); default: torch's default mode."),
 ):
     """Time a model's fast recipe over several seeds against the airbench94 baseline: accuracy and time, mean ± std, 95% CI, and one-sided Welch tests.
 
@@ -254,7 +258,8 @@ def speedrun(
 
     overrides = _pairs(set_, "--set", "FIELD=VALUE")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
-        overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader, bn_backend=bn_backend, margin=margin / 100)
+        overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader,
+        bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode)
 
 
 @app.command()

@@ -33,6 +33,7 @@ from typing import Optional
 
 from beton_data.files import check_writable
 from fastcifar.errors import UserError
+from fastcifar.config import COMPILE_MODES
 from beton_data import check_data
 from fastcifar.leaderboard import add_entry, settings_of
 from fastcifar.summary import RunSummary, from_dict as summary_from_dict
@@ -52,7 +53,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              seed: int = 0, overrides: Optional[dict] = None, model_options: Optional[dict] = None,
              original_npz: Optional[Path] = None,
              loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
-             margin: float = ACCURACY_MARGIN) -> dict:
+             margin: float = ACCURACY_MARGIN, compile_mode: Optional[str] = None) -> dict:
     """Run the speedrun; returns the result written to ``out``."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
@@ -62,6 +63,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         raise UserError(f"--runs must be at least 1, got {runs}")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
+    if compile_mode is not None and compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     data_files = check_data(data)   # refuses missing or damaged data before the first run
     data = data_files.folder
     recipe = get_recipe(model, "fast")  # UserError for an unknown model
@@ -104,7 +107,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
 
         def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
             summary = _train_once(model, overrides, model_options, data, work / name, device, run_seed,
-                                  loader, bn_backend, compile)
+                                  loader, bn_backend, compile, compile_mode)
             t = summary.times
             r = {"seed": run_seed, "accuracy": summary.final_acc,
                  "time_s": t["train_s"] + t["eval_s"], "train_s": t["train_s"], "eval_s": t["eval_s"],
@@ -130,7 +133,9 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                       bn_backend=summary.bn_backend, compile=summary.compile,
                       settings=settings_of(recipe.to_dict(), model_options, precision=summary.precision,
                                            world_size=summary.world_size, bn_backend=summary.bn_backend,
-                                           loader=loader, compile=summary.compile))
+                                           loader=loader, compile=summary.compile,
+                                           # only when given: older entries' settings hashes stay
+                                           **({"compile_mode": compile_mode} if compile_mode else {})))
         rec.save()
 
         for i, s in enumerate(result["seeds"]):
@@ -247,7 +252,7 @@ def _check_model_options(model: str, options: dict) -> None:
 
 
 def _train_once(model, overrides, model_options, data, run_dir, device, seed, loader, bn_backend,
-                compile) -> "RunSummary":
+                compile, compile_mode=None) -> "RunSummary":
     from fastcifar.train import TrainConfig, train
 
     # timed runs: evaluate after the last epoch only, and write nothing but the final result
@@ -255,7 +260,8 @@ def _train_once(model, overrides, model_options, data, run_dir, device, seed, lo
     cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}),
                       model_options=dict(model_options or {}), data=str(data),
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
-                      compile=compile, eval_every=10**9, progress=False, tensorboard=False,
+                      compile=compile, compile_mode=compile_mode, eval_every=10**9, progress=False,
+                      tensorboard=False,
                       epoch_checkpoints=False, plots=False)
     summary = summary_from_dict(train(cfg))
     if summary.signal is not None:

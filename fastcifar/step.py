@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fastcifar.optim import EMA, Lookahead, LRSchedule, ModelPerturbation, build_optimizer, clip_gradients, set_lr
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_MARK_STEP = getattr(torch.compiler, "cudagraph_mark_step_begin", None)   # torch >= 2.3
 
 
 class TrainStep:
@@ -65,6 +66,10 @@ class TrainStep:
         """One optimizer step on a batch; returns (loss, logits) of the unperturbed weights,
         detached and still on the device."""
         optimizer = self.optimizer
+        if _MARK_STEP is not None:
+            # a new step for torch.compile's CUDA graphs (mode reduce-overhead): the previous
+            # step's graph outputs may be overwritten from here on (the loop has used them)
+            _MARK_STEP()
         set_lr(optimizer, self.schedule(step_index))
         optimizer.zero_grad(set_to_none=True)
         loss, logits = self._forward_backward(images, labels)
@@ -126,12 +131,14 @@ def add_model_opt_argument(parser) -> None:
 
 
 def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch_size: int | None = None,
-                   compile: bool = True, model_options: dict | None = None) -> tuple[TrainStep, object, int]:
+                   compile: bool = True, model_options: dict | None = None,
+                   compile_mode: str | None = None) -> tuple[TrainStep, object, int]:
     """A zoo model's `fast`-recipe step as the benchmarks (bench_train.py, profile_step.py) time
     it: channels-last on ``device``, fp16 on a GPU and fp32 on the CPU, compiled unless told not
     to, seeded, cuDNN autotuning on; the recipe rescaled if ``batch_size`` differs from its own;
     the schedule over nominal 50,000-image epochs (a step's cost does not depend on it).
-    ``model_options`` go to the model's builder (e.g. speedrun_net's act="gelu").
+    ``model_options`` go to the model's builder (e.g. speedrun_net's act="gelu"); ``compile_mode``
+    to torch.compile (e.g. "reduce-overhead": CUDA graphs).
     Returns (step, recipe, batch size)."""
     from fastcifar.models import create_model, get_recipe
 
@@ -145,7 +152,7 @@ def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch
         torch.backends.cudnn.benchmark = True
     model = create_model(model_name, bn_backend=bn_backend, **(model_options or {}))
     model = model.to(device, memory_format=torch.channels_last)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=compile_mode) if compile else model
     per_epoch = max(50_000 // batch, 1)
     step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch, recipe.epochs * per_epoch)
     return step, recipe, batch

@@ -269,6 +269,7 @@ def test_missing_airbench_is_a_user_error(monkeypatch):
     (["--set", "no_field=1", "--no-baseline"], "bad override"),
     (["--original-npz", "{tmp}/missing.npz", "--no-baseline"], "no such .npz file"),
     (["--device", "cpu"], "needs a CUDA GPU"),
+    (["--compile-mode", "turbo", "--no-baseline"], "unknown compile mode 'turbo'"),
 ])
 def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
     _assert_cli_error("speedrun", tiny, tmp_path, monkeypatch, capsys, args, message)
@@ -330,6 +331,24 @@ def test_failed_run_is_recorded_and_the_others_go_on(tiny, tmp_path, monkeypatch
     assert entry["accuracies"] == pytest.approx(accs) and entry["failed_runs"] == 1 and entry["runs_planned"] == 4
     [row] = collect([tmp_path])
     assert row["runs"] == 3 and row["failed_runs"] == 1
+
+
+def test_compile_mode_reaches_every_run_and_the_settings(tiny, tmp_path, monkeypatch):
+    """--compile-mode goes to every run's training and into the result's settings (so its
+    leaderboard entries are told apart); without it the settings do not name one, as before."""
+    import fastcifar.speedrun as sr
+
+    modes = []
+    _fake_train(monkeypatch, tmp_path / "r.json")
+    fake = sr._train_once
+    monkeypatch.setattr(sr, "_train_once", lambda *a: modes.append(a[-1]) or fake(*a))
+    with_graphs = speedrun(runs=2, baseline=False, data=tiny / "data", out=tmp_path / "r.json", device="cpu",
+                           compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead"] * 3 and with_graphs["settings"]["compile_mode"] == "reduce-overhead"
+    plain = speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "p.json", device="cpu")
+    assert modes[3:] == [None, None] and "compile_mode" not in plain["settings"]
+    assert with_graphs["entries"][0]["settings"]["compile_mode"] == "reduce-overhead"
+    assert "compile_mode" not in plain["entries"][0]["settings"]
 
 
 def test_interrupted_speedrun_keeps_finished_runs(tiny, tmp_path, monkeypatch):
@@ -448,7 +467,8 @@ def test_cli_passes_model_options_and_overrides(monkeypatch):
     monkeypatch.setattr(sr, "speedrun", lambda **kw: got.update(kw))
     r = CliRunner().invoke(app, ["speedrun", "--no-baseline", "--runs", "1", "--device", "cpu",
                                  "--model-opt", "stem=whiten", "--model-opt", "widths=[8,16,16,16]",
-                                 "--set", "alternate_flip=true"])
+                                 "--set", "alternate_flip=true", "--compile-mode", "reduce-overhead"])
     assert r.exit_code == 0, r.output
+    assert got["compile_mode"] == "reduce-overhead"
     assert got["model_options"] == {"stem": "whiten", "widths": [8, 16, 16, 16]}
     assert got["overrides"] == {"alternate_flip": "true"}

@@ -447,3 +447,40 @@ def test_gpu_suite_tests_stage_runs_shards_at_once(tmp_path):
     assert sum(int(s.get("failures")) for s in suites) == 1
     if not torch.cuda.is_available():       # the production-shape cases, skipped here, are counted too
         assert sum(int(s.get("skipped")) for s in suites) >= 20
+
+
+def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
+    """The overhead stage: profile_step in torch.compile's default mode, then in
+    reduce-overhead (its own result and trace files), then speedrun_net against the baseline
+    with --compile-mode reduce-overhead. Python is a stub that records its arguments."""
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "$*" >> "$CALLS"\nwhile [ $# -gt 0 ]; do\n'
+                    '  [ "$1" = --out ] && echo "{}" > "$2"\n'
+                    '  [ "$1" = --trace-dir ] && mkdir -p "$2" && echo x | gzip > "$2/trace_m_b.json.gz"\n'
+                    '  shift\ndone\n')
+    fake.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.beton", "test.beton"):
+        (data / name).touch()
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(tmp_path / "res"),
+           "PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(log),
+           "COMPILE_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "overhead"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    calls = [c for c in log.read_text().splitlines() if "preflight.py" not in c]
+    assert len(calls) == 3, calls
+    default, graphs, speedrun = calls
+    assert "bench/profile_step.py" in default and "--compile-mode" not in default
+    assert default.endswith(f"--out {out}/profile_step.json")
+    assert "bench/profile_step.py" in graphs and "--compile-mode reduce-overhead" in graphs
+    assert graphs.endswith(f"--out {out}/profile_step_reduce-overhead.json")
+    assert speedrun.startswith("-m fastcifar.cli speedrun --model speedrun_net --baseline")
+    assert "--compile-mode reduce-overhead" in speedrun
+    assert speedrun.endswith(f"--out {out}/speedrun_speedrun_net_reduce-overhead.json")
+    made = sorted(p.name for p in out.iterdir())
+    assert {"profile_step.json", "profile_step_reduce-overhead.json", "profile_traces.tar.gz",
+            "profile_traces_reduce-overhead.tar.gz", "speedrun_speedrun_net_reduce-overhead.json"} <= set(made)
