@@ -19,7 +19,7 @@
 #   preflight           imports, CUDA, C compiler, a tiny Triton kernel, data (converted if needed),
 #                       in <= 60 s; exits 1 naming what is missing       -> preflight.json
 #   env                 versions, nvidia-smi                             -> env.json
-#   tests               the GPU tests alone, in TEST_SHARDS (6) pytest processes at once
+#   tests               the GPU tests alone, in TEST_SHARDS (8) pytest processes at once
 #                                                                        -> pytest_gpu.xml, kernel_errors_gpu.json
 #   kernels             GPU tests + bench/bench_bn_relu.py (all shapes)  -> pytest_gpu.xml, kernel_errors_gpu.json,
 #                                                                           bench_bn_relu.json
@@ -46,21 +46,19 @@
 # exit status is non-zero if any step failed.
 #
 # Time budgets (BUDGET_S, default 540 s, is the whole call; no step starts after it and a running
-# one gets only what is left). "measured" figures name their file; the rest are estimates to be
-# replaced by the compile and run times these calls record (bench_bn_relu.json compile_s,
-# bench_train.json compile_warmup_s, the speedrun warm-up's compile_warmup_s):
-#   preflight            <= 60 s   measured on the 2-core CPU machine (no GPU, shared): 6 s with the data
-#                                  present, 16 s converting the JPEG copy; on the GPU node add CUDA
-#                                  start-up and one Triton compilation (estimate: 10-20 s)
-#   call1 GPU tests      <= 180 s  estimate (190 tests in 6 processes; ~330 Triton specialisations at
-#                                  ~0.3 s of CPU each, measured compiling for sm_90 on the CPU machine)
-#   call1 bench_bn_relu  the rest: shapes until 240 s are left, then two compiled resnet_2111
-#                                  train steps (estimate: ~4 min with compilation)
-#   call2 speedrun       the rest  estimate: warm-up with compilation 60-120 s, 12-epoch runs 15-30 s
-#                                  each, airbench94 warm-up + runs ~5-10 s each: ~5 min for 3 seeds
-#   call3 bench_train    the rest less 200 s  estimate: 4 (model, backend) compilations ~60 s each
-#   call3 resnet_2111    <= 200 s  estimate: compilation 60-90 s + 24 epochs
-#
+# one gets only what is left). Measured on the H100 node on 2026-11-24 (bench/results/gpu/
+# suite_*.log; a fresh machine costs ~30 s more of device time than the call's wall time):
+#   preflight            16-29 s (29 s converting the JPEG copy, 6 s of it the conversion)
+#   call1 GPU tests      <= 240 s  in 6 shards with an empty compile cache: 3 finished in 128-152 s,
+#                                  3 were cut at the then 180 s limit (torch.compile tests take
+#                                  15-38 s each); now TEST_SHARDS=8 and 240 s
+#   call1 bench_bn_relu  16 shapes in 88 s, then two resnet_2111 train steps with compilation in
+#                                  ~2.5 min (compile 24-33 s each); call 1 took 407 s in all
+#   call2 speedrun       124 s for 3 seeds (warm-up 43 s wall, compile 25 s; runs 4.2-4.4 s;
+#                                  airbench94 runs 2.6-3.0 s); 109 s for 5 seeds with a warm cache
+#   call3                230 s: bench_train's 8 units 117 s, resnet_2111 fast recipe 55 s wall
+#   zoo speedrun         ~100 s warm-up (24 epochs, 27-30 s compile) + ~55 s a run for
+#                                  resnet_353_dropout / se_resnet_443: ~3 zoo runs per call
 # Data: .gpu/data/cifar10-jpeg-q75.tar.gz (the lossy JPEG copy: its figures are not comparable
 # with published ones; the calibrate stage measures the gap) and
 # .gpu/data/cifar10-test-original-first1017.npz (1,017 original test images, lossless).
@@ -220,7 +218,7 @@ gpu_tests() {  # $1: time limit
   # prefixed with its shard (junit files are written only at the end, then merged into
   # pytest_gpu.xml, so a run stopped by its limit still logs what it did); a per-test limit where
   # the pytest-timeout plugin is installed, so one hanging test cannot take the whole step.
-  local n=${TEST_SHARDS:-6} i tmp per_test=() pids=()
+  local n=${TEST_SHARDS:-8} i tmp per_test=() pids=()
   $PY -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout "${TEST_TIMEOUT_S:-120}")
   tmp=$(mktemp -d /tmp/gpu_tests.XXXXXX)
   say "GPU tests in $n shards: $GPU_TESTS"
@@ -347,7 +345,7 @@ stage_overhead() {
 
 # --- the three calls --------------------------------------------------------------------------
 stage_call1() {
-  gpu_tests 180
+  gpu_tests 240
   bn_relu --models "$(echo $HEADLINE | tr ' ' ',')"
 }
 
