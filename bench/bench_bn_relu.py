@@ -20,8 +20,8 @@ What it measures (training mode, fp16, channels-last, batch 512 unless told othe
    run measured 3-4 ms between events for the fused kernels at every shape, the cost of
    launching through torch's wrapper op (since removed), not of the kernels. Bandwidth
    figures use kernel time where there is one.
-2. Achieved bandwidth = minimum bytes / time (event time and kernel time), against the device's copy bandwidth (a 1 GiB
-   device-to-device copy, bytes read + written). Minimum bytes, E = N*C*H*W*2 (one fp16
+2. Achieved bandwidth = minimum bytes / time (event time and kernel time), against the
+   device's copy bandwidth (a 1 GiB device-to-device copy, bytes read + written). Minimum bytes, E = N*C*H*W*2 (one fp16
    activation tensor); a per-channel reduction must finish before any output can be written,
    so the input is read once per pass:
      forward   read x (statistics), read x (+ residual), write y          3E (4E)
@@ -66,7 +66,7 @@ import triton.testing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastcifar.machine import command_line, device_name, machine_info, versions  # noqa: E402
+from fastcifar.machine import command_line, device_name, device_us, machine_info, versions  # noqa: E402
 from fastcifar.results import device_slug, now_iso, write_result  # noqa: E402
 from kernels import bn_relu  # noqa: E402
 
@@ -171,9 +171,7 @@ def kernel_time(fn, calls: int) -> tuple[float | None, dict]:
     for evt in prof.key_averages():
         if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
             continue
-        us = next((float(v) for v in (getattr(evt, a, None) for a in ("device_time_total",
-                                                                       "cuda_time_total"))
-                   if v is not None), 0.0)          # torch renamed the field
+        us = device_us(evt)
         if us > 0:
             per_call[evt.key] = per_call.get(evt.key, 0.0) + us / calls
     return sum(per_call.values()) / 1e3, per_call

@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from beton_data import DEFAULT_DATA_DIR  # noqa: E402
+from fastcifar.config import COMPILE_MODES  # noqa: E402
 
 BACKENDS = ("eager", "compiled", "triton")
 LOADERS = ("ffcv", "gpu")
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
     p.add_argument("--wait-steps", type=int, default=30, help="steps timed one by one for the data-wait share")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (no torch.compile)")
-    p.add_argument("--compile-mode", default=None, metavar="MODE",
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: torch's default")
     add_model_opt_argument(p)
     p.add_argument("--out", default=None, help="result JSON (default: bench/results/bench_train_<device>.json)")

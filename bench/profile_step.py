@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from fastcifar.machine import machine_info, sync  # noqa: E402
+from fastcifar.config import COMPILE_MODES  # noqa: E402
+from fastcifar.machine import device_us, machine_info, sync  # noqa: E402
 
 # Kernel names -> what they do (first match wins). The fused BN kernels are kernels/bn_kernels.py's.
 CATEGORIES = (
@@ -61,14 +62,6 @@ def category(name: str) -> str:
     return "other"
 
 
-def _device_us(evt) -> float:
-    for attr in ("device_time_total", "cuda_time_total"):   # torch renamed it
-        v = getattr(evt, attr, None)
-        if v is not None:
-            return float(v)
-    return 0.0
-
-
 def summarize_events(averages, n_steps: int, gpu: bool, top: int) -> dict:
     """Per-step kernel count and time, by category and by kernel, from profiler averages."""
     rows = []
@@ -76,7 +69,7 @@ def summarize_events(averages, n_steps: int, gpu: bool, top: int) -> dict:
         if gpu:
             if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
                 continue
-            us = _device_us(evt)
+            us = device_us(evt)
         else:   # the CPU smoke run: aten ops' own time stands in for kernels
             if not evt.key.startswith("aten::"):
                 continue
@@ -192,7 +185,7 @@ def main(argv=None) -> dict:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--top", type=int, default=15, help="kernels listed per configuration")
     p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--compile-mode", default=None, metavar="MODE",
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode, e.g. reduce-overhead (CUDA graphs); default: torch's default")
     add_model_opt_argument(p)
     p.add_argument("--trace-dir", type=Path, default=None, help="also write Chrome traces here")

@@ -24,6 +24,12 @@ LOADERS = ("gpu", "ffcv")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_compile_mode(mode: Optional[str]) -> None:
+    """A UserError unless ``mode`` is None (torch's default) or one of COMPILE_MODES."""
+    if mode is not None and mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+
+
 def option(default, *flags: str, help: str, metavar: Optional[str] = None, resumable: bool = False):
     """A TrainConfig field that `fastcifar train` offers as an option (cli.py builds the
     options from these). ``resumable``: may be given again with --resume."""
@@ -107,8 +113,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe, Optional[dict], list
     bn_backend = cfg.bn_backend or ("compiled" if compile_ and gpu else "eager")
     if bn_backend not in BN_BACKENDS:
         raise UserError(f"unknown BN backend {bn_backend!r}; choose one of {', '.join(BN_BACKENDS)}")
-    if cfg.compile_mode is not None and cfg.compile_mode not in COMPILE_MODES:
-        raise UserError(f"unknown compile mode {cfg.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode(cfg.compile_mode)
     loader = cfg.loader or "gpu"
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")

@@ -102,6 +102,16 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def device_us(evt) -> float:
+    """Device microseconds of a torch.profiler event (average or function event): the field
+    is `device_time_total`, `cuda_time_total` in older torch."""
+    for attr in ("device_time_total", "cuda_time_total"):
+        v = getattr(evt, attr, None)
+        if v is not None:
+            return float(v)
+    return 0.0
+
+
 def machine_info(device=None) -> dict:
     """Platform, CPUs, GPUs and ``versions()``; ``device`` (if given) is named as ``device_name``
     names it. The load average tells whether other work shared the CPUs during a measurement."""

@@ -33,7 +33,7 @@ from typing import Optional
 
 from beton_data.files import check_writable
 from fastcifar.errors import UserError
-from fastcifar.config import COMPILE_MODES
+from fastcifar.config import check_compile_mode
 from beton_data import check_data
 from fastcifar.leaderboard import add_entry, settings_of
 from fastcifar.summary import RunSummary, from_dict as summary_from_dict
@@ -63,8 +63,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         raise UserError(f"--runs must be at least 1, got {runs}")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
-    if compile_mode is not None and compile_mode not in COMPILE_MODES:
-        raise UserError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    check_compile_mode(compile_mode)
     data_files = check_data(data)   # refuses missing or damaged data before the first run
     data = data_files.folder
     recipe = get_recipe(model, "fast")  # UserError for an unknown model
