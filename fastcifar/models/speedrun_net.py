@@ -234,9 +234,9 @@ class SpeedrunNet(nn.Module):
         self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual, act=act)
         self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual, act=act)
         self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual, act=act)
-        # Global max pool: the strongest response of each feature anywhere in the 4x4 map,
-        # a little more translation-robust than averaging for a net this shallow.
-        self.pool = nn.AdaptiveMaxPool2d(1)
+        # Global max pool (in forward): the strongest response of each feature anywhere in the
+        # last map (3x3; 4x4 with the conv stem), a little more translation-robust than averaging
+        # for a net this shallow.
         self.fc = nn.Linear(w3, num_classes, bias=False)
         # Features after BN-ReLU are O(1) per channel, so the raw logits of 256 of them start
         # large; scaling them down keeps the softmax out of saturation early in training (a fixed
@@ -261,7 +261,11 @@ class SpeedrunNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_norm(self.stem(x))
         x = self.block3(self.block2(self.block1(x)))
-        x = self.pool(x).flatten(1)
+        # amax, not nn.AdaptiveMaxPool2d(1): the same values, but torch.compile has no fused
+        # backward for adaptive max pooling and calls ATen's, which scatters the gradient with
+        # atomic adds (161 us of a 3.5 ms step on the H100, bench/results/gpu/profile_traces.tar.gz);
+        # amax's backward (a compare and a scale) fuses into the neighbouring kernels
+        x = x.amax(dim=(2, 3))
         return self.fc(x) * self.logit_scale
 
 
