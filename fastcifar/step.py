@@ -13,6 +13,11 @@ perturbed weights) -> (clipping) -> optimizer step -> (Lookahead) -> (EMA).
 It never waits for the GPU: the returned loss and logits stay on the device, the GradScaler's
 overflow check stays on the device (the fused optimizers take it as a tensor; see
 optim.FUSED), and EMA is one multi-tensor update. The caller decides when to synchronise.
+The returned tensors are valid until the next step: under CUDA graphs (compile mode
+reduce-overhead) the next step's replay writes over them, so a caller that keeps one copies it.
+
+``net`` computes the loss as well as the logits (`ForwardLoss`, built by `training_net`), so
+that torch.compile makes one graph of both.
 """
 from __future__ import annotations
 
@@ -27,9 +32,37 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float
 _MARK_STEP = getattr(torch.compiler, "cudagraph_mark_step_begin", None)   # torch >= 2.3
 
 
+class ForwardLoss(torch.nn.Module):
+    """The network's forward and the training loss as one module: ``(images, labels) -> (loss,
+    logits)``, the loss label-smoothed cross-entropy in fp32.
+
+    Why one module: a small network's compiled step is bound by the host, not the GPU (on the
+    H100, speedrun_net's step kept the GPU busy 49% of the time: bench/results/gpu/profile_step.json).
+    A loss outside the compiled graph runs as ~10 eager ops forward and ~11 autograd nodes
+    backward, each a host dispatch and a kernel launch; compiled with the forward, it fuses into
+    a few kernels of the graph (and into its CUDA graph under reduce-overhead)."""
+
+    def __init__(self, model: torch.nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.label_smoothing = model, float(label_smoothing)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        return loss, logits
+
+
+def training_net(model: torch.nn.Module, label_smoothing: float, compile: bool,
+                 compile_mode: str | None = None) -> torch.nn.Module:
+    """What `TrainStep` runs: the model with its loss (`ForwardLoss`), compiled unless told not
+    to. (`fastcifar train` wraps it in DDP when it runs on several processes.)"""
+    net = ForwardLoss(model, label_smoothing)
+    return torch.compile(net, mode=compile_mode) if compile else net
+
+
 class TrainStep:
-    """The recipe's optimisation of ``model`` (the raw module), run through ``net`` (the same
-    module compiled and/or wrapped in DDP)."""
+    """The recipe's optimisation of ``model`` (the raw module), run through ``net`` (the model
+    with its loss, `training_net`: compiled and/or wrapped in DDP)."""
 
     def __init__(self, net, model: torch.nn.Module, recipe, precision: str, device_type: str,
                  steps_per_epoch: int, total_steps: int):
@@ -57,8 +90,7 @@ class TrainStep:
 
     def _forward_backward(self, images, labels):
         with self.autocast():
-            logits = self.net(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.recipe.label_smoothing)
+            loss, logits = self.net(images, labels)
         self.scaler.scale(loss).backward()
         return loss, logits
 
@@ -152,7 +184,7 @@ def benchmark_step(model_name: str, bn_backend: str, device: torch.device, batch
         torch.backends.cudnn.benchmark = True
     model = create_model(model_name, bn_backend=bn_backend, **(model_options or {}))
     model = model.to(device, memory_format=torch.channels_last)
-    net = torch.compile(model, mode=compile_mode) if compile else model
+    net = training_net(model, recipe.label_smoothing, compile, compile_mode)
     per_epoch = max(50_000 // batch, 1)
     step = TrainStep(net, model, recipe, "fp16" if gpu else "fp32", device.type, per_epoch, recipe.epochs * per_epoch)
     return step, recipe, batch

@@ -49,7 +49,7 @@ from fastcifar.machine import command_line, device_name, sync, versions
 from fastcifar.recipe import Recipe
 from fastcifar.results import atomic_write_json, now_iso
 from fastcifar.runlog import RunLog, check_tensorboard
-from fastcifar.step import PRECISIONS, TrainStep
+from fastcifar.step import PRECISIONS, TrainStep, training_net
 from fastcifar.summary import RunSummary
 from fastcifar.timing import WARMUP_STEPS, Clock
 
@@ -180,7 +180,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     # from before this was recorded fall back to the options given and today's defaults)
     from fastcifar.models import full_model_options
     full_options = (ckpt or {}).get("model_options_full") or full_model_options(cfg.model, **cfg.model_options)
-    model, net = _model(cfg, full_options, len(classes), info, device)
+    model, net = _model(cfg, recipe, full_options, len(classes), info, device)
     train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
     if ckpt is None:   # resumed: the checkpoint holds the initialised weights
         _init_from_data(model, data, train_loader, device, clock)
@@ -230,13 +230,15 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
                model_options_full=full_options)
 
 
-def _model(cfg: TrainConfig, options: dict, num_classes: int, info: dist.DistInfo, device: torch.device):
-    """The model (channels-last on the device) and what trains it: compiled, in DDP."""
+def _model(cfg: TrainConfig, recipe, options: dict, num_classes: int, info: dist.DistInfo,
+           device: torch.device):
+    """The model (channels-last on the device) and what trains it: with its loss, compiled, in
+    DDP."""
     from fastcifar.models import create_model
 
     model = create_model(cfg.model, bn_backend=cfg.bn_backend, num_classes=num_classes, **options)
     model = model.to(device, memory_format=torch.channels_last)
-    net = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    net = training_net(model, recipe.label_smoothing, cfg.compile, cfg.compile_mode)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(net, device_ids=[info.local_rank] if device.type == "cuda" else None)
@@ -322,7 +324,7 @@ def _train_epoch(run: Run, stop: "_StopOnSignal") -> Outcome:
         sums += torch.stack([loss.double() * n, (logits.argmax(1) == labels).sum().double(), one * n])
         window += torch.stack([(~torch.isfinite(loss)).double(), one])
         if logged:
-            losses.append(loss)
+            losses.append(loss.clone())   # a copy: under CUDA graphs the next step overwrites loss
         s.step, s.batch, done, window_steps = s.step + 1, i + 1, done + 1, window_steps + 1
         if clock.warming_up() and clock.now.steps + done == WARMUP_STEPS:
             sync(device)

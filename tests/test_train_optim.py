@@ -501,3 +501,46 @@ def test_fused_optimizer_skips_an_overflowed_first_step(optimizer):
     # fp16 training amplifies that a little, hence a relative tolerance of 1%)
     assert losses_f == pytest.approx(losses_p, rel=1e-2)
     assert losses_f[-1] < 0.5 * losses_f[0]
+
+
+def test_the_compiled_step_computes_the_loss_inside_its_graph():
+    """A small network's compiled step is bound by host dispatch, so the loss is compiled with
+    the forward (fastcifar.step.ForwardLoss): the profile of a compiled TrainStep shows none of
+    cross-entropy's eager ops or autograd nodes, and the step computes what the eager model and
+    loss compute (loss, logits and gradients)."""
+    from torch.profiler import profile
+    from fastcifar.models import create_model
+    from fastcifar.step import TrainStep, training_net
+    from train_helpers import MODEL, TINY
+
+    torch.manual_seed(0)
+    model = create_model(MODEL, **TINY).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model)
+    recipe = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, label_smoothing=0.2, epochs=1)
+    step = TrainStep(training_net(model, recipe.label_smoothing, compile=True), model, recipe,
+                     "fp32", "cpu", steps_per_epoch=4, total_steps=4)
+    x = torch.randn(8, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,))
+
+    # the gradients the optimizer steps with, and step 0's loss and logits (from the weights as
+    # they were): the eager model's
+    want_logits = reference(x)
+    want_loss = F.cross_entropy(want_logits, y, label_smoothing=0.2)
+    want_loss.backward()
+    step._forward_backward(x, y)
+    grads = [(name, p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), reference.parameters())
+             if q.grad is not None]
+    assert len(grads) > 10
+    for name, got, want in grads:
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=name)
+    loss, logits = step(x, y, 0)
+    torch.testing.assert_close(logits, want_logits.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss.detach(), rtol=1e-4, atol=1e-6)
+
+    with profile() as prof:
+        step(x, y, 1)
+    names = {e.name for e in prof.events()}
+    assert any("Compiled" in n for n in names), sorted(names)     # the profile saw the compiled step
+    eager_loss = [n for n in names if any(k in n.lower() for k in ("cross_entropy", "nll_loss", "nllloss",
+                                                                   "log_softmax", "logsoftmax"))]
+    assert not eager_loss, eager_loss
