@@ -350,6 +350,15 @@ def render_plot(rows: list[dict], path: str | Path) -> None:
     error bars (none for a single run); records ringed."""
     from fastcifar.plots import pyplot, save_figure
 
+    fig, _ = _plot_figure(rows)
+    save_figure(fig, path)
+    pyplot().close(fig)
+
+
+def _plot_figure(rows: list[dict]):
+    """The leaderboard plot's figure and axes (see `render_plot`)."""
+    from fastcifar.plots import pyplot
+
     plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
@@ -364,23 +373,83 @@ def render_plot(rows: list[dict], path: str | Path) -> None:
                     fmt=markers[r["kind"]], color=colors[r["data"]], capsize=3)
         if r.get("record"):
             ax.plot(x, y, "o", ms=14, mfc="none", mec="black")
-        ax.annotate(f"{r['model']} ({r['device']})", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.axhline(100 * TARGET, color="gray", ls="--", lw=0.8)
     for d in data_sources:  # legend: one handle per data source
         ax.plot([], [], "o", color=colors[d], label=d)
     for kind, m in markers.items():
         if any(r["kind"] == kind for r in rows):
             ax.plot([], [], m, color="gray", label=kind)
-    ax.set(xlabel="time (s)", ylabel="test accuracy (%)",
-           title="CIFAR-10: accuracy against time (bars: 95% CI of the mean)")
+    devices = sorted({r["device"] for r in rows})
+    title = "CIFAR-10: accuracy against time (bars: 95% CI of the mean)"
+    if len(devices) == 1:   # the device once, in the title, rather than in every label
+        title += f"\non {devices[0]}"
+    ax.set(xlabel="time (s)", ylabel="test accuracy (%)", title=title)
     ax.set_xscale("log")
     plain = FuncFormatter(lambda x, _: f"{x:g}")  # 2.5 rather than 2.5x10^0 on a log axis
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    save_figure(fig, path)
-    plt.close(fig)
+    _label_points(fig, ax, rows, with_device=len(devices) > 1)
+    return fig, ax
+
+
+LABEL_OFFSET_PX = (6, 4)   # a label's lower left corner, from its point
+MERGE_PX = 30              # rows of one label closer than this on the plot share the label
+
+
+def _label_points(fig, ax, rows: list[dict], with_device: bool) -> None:
+    """Name the points without overlapping names: rows with the same name drawn close together
+    (repeated invocations of one configuration) get one label, "name (×N)"; labels that would
+    still overlap are moved down, with a line to their point."""
+    ax.autoscale_view()
+    to_px = ax.transData.transform
+    groups: list[tuple[str, list]] = []          # (label, [point in pixels, ...])
+    for r in rows:
+        text = f"{r['model']} ({r['device']})" if with_device else r["model"]
+        px = tuple(to_px((r["time_mean_s"], 100 * r["accuracy_mean"])))
+        for label, points in groups:
+            if label == text and any(abs(px[0] - p[0]) <= MERGE_PX and abs(px[1] - p[1]) <= MERGE_PX for p in points):
+                points.append(px)
+                break
+        else:
+            groups.append((text, [px]))
+    renderer = fig.canvas.get_renderer()
+    labels = []
+    for text, points in groups:
+        anchor = max(points)                      # the rightmost point: the label sits right of the group
+        if len(points) > 1:
+            text = f"{text} (×{len(points)})"
+        xy = ax.transData.inverted().transform(anchor)
+        t = ax.annotate(text, xy, xytext=LABEL_OFFSET_PX, textcoords="offset pixels", fontsize=7)
+        b = t.get_window_extent(renderer)
+        labels.append((t, text, xy, (b.x0, b.y0, b.width, b.height)))
+    shifts = spread_labels([box for *_, box in labels])
+    for (t, text, xy, _), dy in zip(labels, shifts):
+        if dy:   # moved: drawn again, with a line back to its point
+            t.remove()
+            ax.annotate(text, xy, xytext=(LABEL_OFFSET_PX[0], LABEL_OFFSET_PX[1] + dy),
+                        textcoords="offset pixels", fontsize=7,
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="gray", shrinkA=0, shrinkB=3))
+
+
+def spread_labels(boxes: list[tuple[float, float, float, float]], pad: float = 2.0) -> list[float]:
+    """Vertical shifts (pixels, <= 0) that leave no two label boxes ``(x0, y0, width, height)``
+    overlapping: from the top label down, a label that meets one already placed moves to just
+    below it, until it meets none."""
+    placed: list[tuple[float, float, float, float]] = []
+    shifts = [0.0] * len(boxes)
+    for i in sorted(range(len(boxes)), key=lambda i: -(boxes[i][1] + boxes[i][3])):
+        x0, y0, w, h = boxes[i]
+        y = y0
+        while True:
+            hit = [p for p in placed if x0 < p[0] + p[2] and p[0] < x0 + w and y < p[1] + p[3] + pad and p[1] < y + h + pad]
+            if not hit:
+                break
+            y = min(p[1] for p in hit) - h - pad
+        placed.append((x0, y, w, h))
+        shifts[i] = y - y0
+    return shifts
 
 
 def _half_widths(ci: Optional[list[float]], centre: float, scale: float = 1.0):

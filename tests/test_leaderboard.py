@@ -377,3 +377,43 @@ def test_plot_or_skip(tmp_path, monkeypatch):
     assert not plot_or_skip(plot_curves, history, tmp_path / "no.png", say=said.append)
     assert said == [said[0]] and said[0].startswith("plot skipped: plot_curves: matplotlib cannot be imported")
     assert not (tmp_path / "no.png").exists()
+
+
+def test_spread_labels_moves_only_what_overlaps():
+    from fastcifar.leaderboard import spread_labels
+
+    assert spread_labels([(0, 0, 50, 10), (100, 0, 50, 10), (0, 40, 50, 10)]) == [0, 0, 0]
+    boxes = [(0, 0, 50, 10), (20, 3, 50, 10), (10, 5, 50, 10), (200, 4, 10, 10)]
+    shifts = spread_labels(boxes, pad=2)
+    assert shifts[3] == 0 and shifts[2] == 0 and all(s < 0 for s in shifts[:2])   # the top one stays
+    moved = [(x, y + dy, w, h) for (x, y, w, h), dy in zip(boxes, shifts)]
+    for i, a in enumerate(moved):
+        for b in moved[i + 1:]:
+            assert not (a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]), (a, b)
+
+
+def test_plot_labels_merge_repeats_and_never_overlap(tmp_path):
+    """Repeated invocations of one configuration drawn on top of each other get one label with
+    their count; different models at the same place get a label each, apart; one device is
+    named once, in the title."""
+    from fastcifar.leaderboard import _plot_figure
+
+    for i, t in enumerate((2.65, 2.67, 2.84)):   # the baseline three times, almost the same point
+        add_entry(tmp_path, _entry(model="airbench94", kind="baseline", id=f"b{i}", accs=(0.906, 0.907), times=(t, t)))
+    for i, name in enumerate(("speedrun_net", "resnet_2111", "resnet_353_dropout")):   # three at one point
+        add_entry(tmp_path, _entry(model=name, id=f"m{i}", accs=(0.899, 0.900), times=(4.5, 4.5)))
+    add_entry(tmp_path, _entry(model="se_resnet_443", id="far", accs=(0.95,), times=(50.0,)))
+    rows = collect([tmp_path])
+    assert len(rows) == 7
+    fig, ax = _plot_figure(rows)
+    fig.canvas.draw()
+    texts = {t.get_text(): t for t in ax.texts}
+    assert set(texts) == {"airbench94 (×3)", "speedrun_net", "resnet_2111", "resnet_353_dropout", "se_resnet_443"}
+    assert "NVIDIA H100 80GB HBM3" in ax.get_title()
+    from matplotlib.text import Text
+    boxes = [Text.get_window_extent(t) for t in texts.values()]   # the text's own box (not its line)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b), (a, b)
+    moved = [t for t in texts.values() if t.arrow_patch is not None]
+    assert len(moved) == 2     # of the three at one point, two moved down (with a line to it)
