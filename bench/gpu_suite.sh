@@ -29,6 +29,11 @@
 #   calibrate           `fastcifar calibrate`: airbench94 alone, $CAL_RUNS runs -> calibrate_airbench.json
 #   speedrun [MODEL...] `fastcifar speedrun` per model (default: speedrun_net with the baseline,
 #                       then every zoo model without it)                 -> speedrun_results.tar.gz
+#   zoo [MODEL[:FIELD=VALUE,...]...]
+#                       the zoo against its reports: each zoo model's fast recipe (with the given
+#                       recipe overrides), $ZOO_TARGET_RUNS (5) runs, each stopping at its report's
+#                       accuracy less the JPEG penalty of $CALIBRATION (fastcifar speedrun --target
+#                       report)                                           -> zoo_results.tar.gz
 #   tune                speedrun_net for each setting of TUNE_GRID (default: the epochs of
 #                       EPOCHS_SWEEP), $TUNE_RUNS runs each         -> tune_speedrun_net.tar.gz
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
@@ -68,9 +73,9 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|tune|profile|overhead|all) ;;
+  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|zoo|tune|profile|overhead|all) ;;
   *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, tests, kernels, loaders, train," \
-          "calibrate, speedrun, tune, profile, overhead or all" >&2; exit 2 ;;
+          "calibrate, speedrun, zoo, tune, profile, overhead or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
 GPU_DATA=${GPU_DATA:-.gpu/data}
@@ -80,7 +85,9 @@ DATA=${DATA:-beton_data/cifar10}                 # converted .beton files (the d
 RESULTS=${RESULTS:-bench/results}                # where result files are kept on this machine
 BUDGET_S=${BUDGET_S:-540}                        # stop starting new work after this many seconds
 SPEEDRUN_RUNS=${SPEEDRUN_RUNS:-3}                # timed runs for speedrun_net (and its baseline); 5 for a record
-ZOO_RUNS=${ZOO_RUNS:-2}                          # timed runs per zoo model
+ZOO_RUNS=${ZOO_RUNS:-2}                          # timed runs per zoo model (speedrun stage)
+ZOO_TARGET_RUNS=${ZOO_TARGET_RUNS:-5}            # runs per zoo model to its target (zoo stage): >= 4 of 5 must reach it
+CALIBRATION=${CALIBRATION:-bench/results/gpu/calibrate_airbench.json}   # airbench94 on this data: the JPEG penalty
 CAL_RUNS=${CAL_RUNS:-5}
 TUNE_RUNS=${TUNE_RUNS:-3}
 EPOCHS_SWEEP=${EPOCHS_SWEEP:-"8 10 12 14"}
@@ -299,6 +306,27 @@ stage_speedrun() {
   done
 }
 
+stage_zoo() {
+  # MODEL or MODEL:FIELD=VALUE,...: the fast recipe with those overrides (e.g. resnet_2111:epochs=40)
+  local specs=("$@") files=() spec
+  [ ${#specs[@]} -gt 0 ] || specs=($(zoo_models))
+  for spec in "${specs[@]}"; do
+    local m=${spec%%:*} sets=() parts kv tag=""
+    if [ "$spec" != "$m" ]; then
+      IFS=, read -r -a parts <<< "${spec#*:}"
+      for kv in "${parts[@]}"; do sets+=(--set "$kv"); done
+      tag="_$(printf "%s" "${spec#*:}" | tr -c "A-Za-z0-9.-" "_")"
+    fi
+    local f="$RESULTS/zoo_${m}${tag}_gpu.json"
+    step $FC speedrun --model "$m" --no-baseline --runs "$ZOO_TARGET_RUNS" --target report \
+      --calibration "$CALIBRATION" "${sets[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
+    [ -f "$f" ] && files+=("$(basename "$f")")
+    # re-packed after every model: a call cut short still brings back every finished run
+    local lb=(); [ -d "$RESULTS/leaderboard" ] && lb=(leaderboard)
+    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/zoo_results.tar.gz" -C "$RESULTS" "${files[@]}" "${lb[@]}"
+  done
+}
+
 stage_tune() {
   local files=()
   mkdir -p "$RESULTS/tune"
@@ -380,6 +408,7 @@ case "$stage" in
   train) need_data; stage_train "$@" ;;
   calibrate) need_data; stage_calibrate ;;
   speedrun) need_data; stage_speedrun "$@" ;;
+  zoo) need_data; stage_zoo "$@" ;;
   tune) need_data; stage_tune ;;
   profile) stage_profile "$@" ;;
   overhead) need_data; stage_overhead "$@" ;;

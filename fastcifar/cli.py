@@ -249,6 +249,16 @@ def speedrun(
         None, "--compile-mode", metavar="MODE",
         help="torch.compile mode of the model's runs, e.g. reduce-overhead (CUDA graphs: no launch "
              "gaps between the step's kernels); default: torch's default mode."),
+    target: Optional[str] = typer.Option(
+        None, "--target", metavar="ACC|report",
+        help="Stop each run as soon as its test accuracy reaches ACC (94 or 0.94), and record per run "
+             "whether and after how much training it did. 'report': the model's published accuracy (94% "
+             "for a model without one), less the data's penalty on a lossy copy (see --calibration). "
+             "Needs --no-baseline."),
+    calibration: Optional[Path] = typer.Option(
+        None, "--calibration", metavar="FILE",
+        help="For --target report on a lossy copy: a `fastcifar calibrate` result on the same data; "
+             "airbench94's gap to its published 94.01% there is the penalty subtracted."),
 ):
     """Time a model's fast recipe over several seeds against the airbench94 baseline: accuracy and time, mean ± std, 95% CI, and one-sided Welch tests.
 
@@ -259,7 +269,8 @@ def speedrun(
     overrides = _pairs(set_, "--set", "FIELD=VALUE")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
         overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader,
-        bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode)
+        bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode, target=target,
+        calibration=calibration)
 
 
 @app.command()

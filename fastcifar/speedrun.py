@@ -9,6 +9,11 @@ baseline, on the same data and device, in one invocation.
        their mean times; and the one-sided Welch tests of `fastcifar.results` (accuracy not
        lower by the margin or more, time lower), which decide whether it is a record.
 
+With `--target` (and no baseline) each run instead stops as soon as its test accuracy reaches
+the target, evaluating after every epoch: the zoo models' check against their reports
+(`--target report --calibration calibrate_airbench.json` on the JPEG copy), recording per run
+whether it got there, after how many epochs and how much training.
+
 The time of a run is what the speedrun records count: training (compile/warm-up steps
 excluded, as train.py estimates them) plus the final evaluation with the recipe's test-time
 augmentation, each bracketed by CUDA synchronisation. Loading the data onto the device,
@@ -30,6 +35,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from beton_data.files import check_writable
 from fastcifar.errors import UserError
@@ -53,8 +60,11 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              seed: int = 0, overrides: Optional[dict] = None, model_options: Optional[dict] = None,
              original_npz: Optional[Path] = None,
              loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
-             margin: float = ACCURACY_MARGIN, compile_mode: Optional[str] = None) -> dict:
-    """Run the speedrun; returns the result written to ``out``."""
+             margin: float = ACCURACY_MARGIN, compile_mode: Optional[str] = None,
+             target: Optional[str] = None, calibration: Optional[Path] = None) -> dict:
+    """Run the speedrun; returns the result written to ``out``. With ``target`` (see
+    `resolve_target`) every run stops as soon as its test accuracy reaches it, and the result
+    records, per run, whether and when it did."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
 
@@ -73,6 +83,10 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         raise UserError(f"bad override: {e}") from None
     model_options = dict(model_options or {})
     _check_model_options(model, model_options)
+    if target is not None and baseline:
+        raise UserError("--target stops each run at the target, so its times are not comparable with the "
+                        "baseline's full runs; add --no-baseline")
+    goal = resolve_target(target, calibration, model, data_files)
     device = resolve_device(device)
     if original_npz is not None:
         load_npz(original_npz)  # fail now on a bad file, not after the runs
@@ -96,6 +110,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         "command": command_line(), "date": now_iso(), "seeds": list(range(seed, seed + runs)),
         "loader": loader, "accuracy_margin": margin, "status": "running", "runs": [], "baseline": None,
     }
+    if goal is not None:
+        result["target"] = goal
     if baseline_missing:
         result["baseline_error"] = f"missing: {baseline_missing}"
     rec = _Recorder(result, out)
@@ -106,17 +122,28 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
 
         def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
             summary = _train_once(model, overrides, model_options, data, work / name, device, run_seed,
-                                  loader, bn_backend, compile, compile_mode)
+                                  loader, bn_backend, compile, compile_mode,
+                                  None if goal is None else goal["value"])
             t = summary.times
             r = {"seed": run_seed, "accuracy": summary.final_acc,
                  "time_s": t["train_s"] + t["eval_s"], "train_s": t["train_s"], "eval_s": t["eval_s"],
                  "compile_warmup_s": t["compile_warmup_s"], "wall_s": t["wall_s"]}
+            if goal is not None:
+                # a run that reaches the target stops there: its time_s is the time to the target,
+                # training plus the evaluations after each epoch that checked it; train_to_target_s
+                # is the training alone
+                reached = summary.time_to_target if summary.target_reached else None
+                r.update(target_reached=reached is not None, epochs=summary.epochs_completed,
+                         train_to_target_s=reached["train_s"] if reached else None,
+                         time_to_target_s=r["time_s"] if reached else None)
             if npz_beton is not None:
                 r["original_accuracy"] = _accuracy_on(work / name, npz_beton, device)
             return r, summary
 
         say(f"speedrun: {model} (fast recipe, {recipe.epochs} epochs), {runs} timed runs on {device}, "
             f"data {result['data']}; results after every run in {out}")
+        if goal is not None:
+            say(f"  target: {target_text(goal)}; each run stops when its test accuracy reaches it")
         t0 = time.perf_counter()
         try:
             warm, summary = one_run(seed + 10_000, "warmup")
@@ -134,7 +161,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                                            world_size=summary.world_size, bn_backend=summary.bn_backend,
                                            loader=loader, compile=summary.compile,
                                            # only when given: older entries' settings hashes stay
-                                           **({"compile_mode": compile_mode} if compile_mode else {})))
+                                           **({"compile_mode": compile_mode} if compile_mode else {}),
+                                           **({"target": round(goal["value"], 6)} if goal else {})))
         rec.save()
 
         for i, s in enumerate(result["seeds"]):
@@ -210,6 +238,13 @@ class _Recorder:
 
         res = self.result
         res.update(aggregate(res["runs"]))
+        if res.get("target"):
+            ok = _ok(res["runs"])
+            reached = [r for r in ok if r.get("target_reached")]
+            train_s = sorted(r["train_to_target_s"] for r in reached)
+            res["target"].update(runs=len(ok), reached_runs=len(reached),
+                                 train_to_target_median_s=float(np.median(train_s)) if train_s else None,
+                                 train_to_target_max_s=train_s[-1] if train_s else None)
         b = res.get("baseline")
         if b:
             b.update(aggregate(b["runs"]))
@@ -238,6 +273,87 @@ class _Recorder:
 
 
 # -----------------------------------------------------------------------------
+# the target: a number, or the model's report less the data's penalty
+
+UNPUBLISHED_TARGET = 0.94   # a model whose report published no accuracy is held to the speedrun's 94%
+
+
+def resolve_target(target: Optional[str], calibration: Optional[Path], model: str, data_files) -> Optional[dict]:
+    """What ``--target`` means, as a dict whose "value" is an accuracy fraction; None without one.
+
+    A number is an accuracy (94 or 0.94). "report" is the model's published accuracy (94% for a
+    model whose report gave none), less the accuracy penalty of the data when the data is a
+    lossy copy: airbench94's published 94.01% minus its mean measured on the same data, read
+    from ``calibration`` (a `fastcifar calibrate` result, or a speedrun result with a baseline)."""
+    if target is None:
+        if calibration is not None:
+            raise UserError("--calibration gives --target report its data penalty; add --target report")
+        return None
+    if target != "report":
+        try:
+            value = float(target)
+        except ValueError:
+            raise UserError(f"--target is an accuracy (94 or 0.94) or 'report', got {target!r}") from None
+        value = value / 100 if value > 1 else value
+        if not 0 < value <= 1:
+            raise UserError(f"--target is an accuracy (94 or 0.94) or 'report', got {target!r}")
+        if calibration is not None:
+            raise UserError("--calibration is for --target report; a number is the target as given")
+        return {"value": value, "from": "given"}
+    from fastcifar.models import get_model_info
+
+    published_pct = get_model_info(model).published_acc
+    published = published_pct / 100 if published_pct is not None else UNPUBLISHED_TARGET
+    goal = {"from": "report", "published": published, "published_by_report": published_pct is not None,
+            "penalty": 0.0, "calibration": None}
+    manifest = data_files.manifest
+    if manifest is None:
+        raise UserError(f"--target report: {data_files.folder} has no manifest.json, so whether its images are "
+                        f"a lossy copy is unknown; give --target as a number")
+    if manifest.lossy_source:
+        if calibration is None:
+            raise UserError(f"--target report: {data_files.name} is a lossy copy of CIFAR-10, which lowers every "
+                            f"accuracy; give --calibration FILE (a `fastcifar calibrate` result on this data) "
+                            f"to subtract its penalty, or --target as a number")
+        goal.update(penalty=_penalty_from(Path(calibration), data_files), calibration=str(calibration))
+    goal["value"] = goal["published"] - goal["penalty"]
+    return goal
+
+
+def _penalty_from(path: Path, data_files) -> float:
+    """airbench94's gap to its published accuracy, from a calibration (or speedrun) result
+    measured on the same data."""
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--calibration {path}: cannot read it as JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"--calibration {path}: not a `fastcifar calibrate` result")
+    gap = d.get("gap_to_published")
+    if gap is None and isinstance(d.get("baseline"), dict):
+        gap = d["baseline"].get("gap_to_published")
+    if not isinstance(gap, (int, float)):
+        raise UserError(f"--calibration {path}: no measured airbench94 accuracy in it (gap_to_published); "
+                        f"give a `fastcifar calibrate` result")
+    if d.get("data_sha256") != data_files.identity:
+        raise UserError(f"--calibration {path}: measured on other data ({d.get('data', '?')}, "
+                        f"{str(d.get('data_sha256'))[:8]}) than {data_files.name} ({str(data_files.identity)[:8]})")
+    return float(gap)
+
+
+def target_text(goal: dict) -> str:
+    """'90.48% (the report's 93.81% less the data's penalty 3.33 points)', or '92.00%'."""
+    text = f"{100 * goal['value']:.2f}%"
+    if goal["from"] == "report":
+        whose = "the report's" if goal["published_by_report"] else "the speedrun's (no published accuracy)"
+        text += f" ({whose} {100 * goal['published']:.2f}%"
+        text += f" less the data's penalty {100 * goal['penalty']:.2f} points)" if goal["calibration"] else ")"
+    return text
+
+
+# -----------------------------------------------------------------------------
 # one run of ours
 
 def _check_model_options(model: str, options: dict) -> None:
@@ -251,13 +367,14 @@ def _check_model_options(model: str, options: dict) -> None:
 
 
 def _train_once(model, overrides, model_options, data, run_dir, device, seed, loader, bn_backend,
-                compile, compile_mode=None) -> "RunSummary":
+                compile, compile_mode=None, target=None) -> "RunSummary":
     from fastcifar.train import TrainConfig, train
 
-    # timed runs: evaluate after the last epoch only, and write nothing but the final result
-    # (no per-epoch checkpoints, TensorBoard events or plots)
+    # timed runs: evaluate after the last epoch only (after every epoch with a target, which
+    # stops the run when reached), and write nothing but the final result (no per-epoch
+    # checkpoints, TensorBoard events or plots)
     cfg = TrainConfig(model=model, recipe_tag="fast", overrides=dict(overrides or {}),
-                      model_options=dict(model_options or {}), data=str(data),
+                      model_options=dict(model_options or {}), data=str(data), target=target,
                       out=str(run_dir), device=device, seed=seed, loader=loader, bn_backend=bn_backend,
                       compile=compile, compile_mode=compile_mode, eval_every=10**9, progress=False,
                       tensorboard=False,
@@ -332,6 +449,13 @@ def report_lines(result: dict) -> list[str]:
     n_ok = sum("error" not in r for r in result["runs"])
     lines = [f"results over {n_ok} runs on {result['device']}, data {result['data']}:",
              line(result["model"], result)]
+    goal = result.get("target")
+    if goal and goal.get("runs"):
+        text = f"target {target_text(goal)}: reached in {goal['reached_runs']} of {goal['runs']} runs"
+        if goal["reached_runs"]:
+            text += (f"; training to it: median {goal['train_to_target_median_s']:.2f} s, "
+                     f"longest {goal['train_to_target_max_s']:.2f} s")
+        lines.append(text)
     b = result.get("baseline")
     if b and b.get("accuracy_mean") is not None:
         lines.append(line(b["name"], b))
@@ -351,6 +475,9 @@ def report_lines(result: dict) -> list[str]:
 
 def _run_line(name: str, i: int, n: int, r: dict) -> str:
     text = f"  {name} run {i + 1}/{n} (seed {r['seed']}): {100 * r['accuracy']:.2f}% in {r['time_s']:.2f} s"
+    if "target_reached" in r:
+        text += (f", target reached after epoch {r['epochs']} ({r['train_to_target_s']:.2f} s of training)"
+                 if r["target_reached"] else f", target MISSED after {r['epochs']} epochs")
     if "original_accuracy" in r:
         text += f", original test images {100 * r['original_accuracy']:.2f}%"
     return text

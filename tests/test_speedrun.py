@@ -270,6 +270,12 @@ def test_missing_airbench_is_a_user_error(monkeypatch):
     (["--original-npz", "{tmp}/missing.npz", "--no-baseline"], "no such .npz file"),
     (["--device", "cpu"], "needs a CUDA GPU"),
     (["--compile-mode", "turbo", "--no-baseline"], "unknown compile mode 'turbo'"),
+    (["--target", "93"], "not comparable with the baseline's full runs; add --no-baseline"),
+    (["--target", "fast", "--no-baseline"], "--target is an accuracy (94 or 0.94) or 'report', got 'fast'"),
+    (["--target", "150", "--no-baseline"], "--target is an accuracy"),
+    (["--target", "report", "--no-baseline"], "is a lossy copy of CIFAR-10"),
+    (["--calibration", "{tmp}/c.json", "--no-baseline"], "add --target report"),
+    (["--target", "report", "--calibration", "{tmp}/missing.json", "--no-baseline"], "cannot read it as JSON"),
 ])
 def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
     _assert_cli_error("speedrun", tiny, tmp_path, monkeypatch, capsys, args, message)
@@ -293,23 +299,32 @@ def _assert_cli_error(command, tiny, tmp_path, monkeypatch, capsys, args, messag
 # nothing measured is lost: per-run files, failed runs, a missing baseline, the statistics
 
 def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=lambda s: 0.90 + s % 100 / 1000,
-                seen=None):
+                seen=None, targets=None):
     """Replace the training of one run by a canned summary (the plumbing, not the training, is
-    under test); before each timed run, note how many runs the result file already holds."""
+    under test); before each timed run, note how many runs the result file already holds. With
+    a target, a run reaches it when its canned accuracy does, after epoch 3 of 4 (``targets``
+    collects the target each run was given)."""
     import fastcifar.speedrun as sr
 
     def fake(model, overrides, model_options, data, run_dir, device, seed, *rest):
+        target = rest[4] if len(rest) > 4 else None
+        if targets is not None:
+            targets.append(target)
         if seen is not None and seed < 10_000:
             seen.append(len(json.loads(out.read_text())["runs"]) if out.exists() else None)
         if seed in fail_seeds:
             raise RuntimeError(f"CUDA out of memory (seed {seed})")
         if seed == interrupt_seed:
             raise sr._Interrupted(f"interrupted by SIGTERM (seed {seed})")
+        reached = target is not None and accuracy(seed) >= target
+        train_s = 1e-4 * (1 + seed % 3)
         return summary_from_dict({
-            "model": model, "status": "completed", "final_acc": accuracy(seed), "device": "CPU (test)",
-            "versions": {"torch": torch.__version__}, "params": 1, "precision": "fp32", "bn_backend": "eager",
-            "compile": False, "world_size": 1,
-            "times": {"train_s": 1e-4 * (1 + seed % 3), "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}})
+            "model": model, "status": "target_reached" if reached else "completed", "final_acc": accuracy(seed),
+            "device": "CPU (test)", "versions": {"torch": torch.__version__}, "params": 1, "precision": "fp32",
+            "bn_backend": "eager", "compile": False, "world_size": 1, "epochs_completed": 3 if reached else 4,
+            "target": target, "target_reached": reached,
+            "time_to_target": {"epoch": 3, "train_s": train_s} if reached else None,
+            "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}})
 
     monkeypatch.setattr(sr, "_train_once", fake)
 
@@ -341,7 +356,7 @@ def test_compile_mode_reaches_every_run_and_the_settings(tiny, tmp_path, monkeyp
     modes = []
     _fake_train(monkeypatch, tmp_path / "r.json")
     fake = sr._train_once
-    monkeypatch.setattr(sr, "_train_once", lambda *a: modes.append(a[-1]) or fake(*a))
+    monkeypatch.setattr(sr, "_train_once", lambda *a: modes.append(a[10]) or fake(*a))
     with_graphs = speedrun(runs=2, baseline=False, data=tiny / "data", out=tmp_path / "r.json", device="cpu",
                            compile_mode="reduce-overhead")
     assert modes == ["reduce-overhead"] * 3 and with_graphs["settings"]["compile_mode"] == "reduce-overhead"
@@ -472,3 +487,83 @@ def test_cli_passes_model_options_and_overrides(monkeypatch):
     assert got["compile_mode"] == "reduce-overhead"
     assert got["model_options"] == {"stem": "whiten", "widths": [8, 16, 16, 16]}
     assert got["overrides"] == {"alternate_flip": "true"}
+
+
+# -----------------------------------------------------------------------------
+# --target: each run stops at it; the zoo models' check against their reports
+
+def _calibration(tmp_path, tiny, gap=0.0333, identity=None):
+    from beton_data import check_data
+
+    path = tmp_path / "calibrate_airbench.json"
+    path.write_text(json.dumps({"kind": "airbench_calibration", "data": "cifar10-jpeg-q75 (lossy)",
+                                "data_sha256": identity or check_data(tiny / "data").identity,
+                                "accuracy_mean": 0.9401 - gap, "gap_to_published": gap}))
+    return path
+
+
+def test_target_report_is_the_report_less_the_calibrated_penalty(tiny, tmp_path, monkeypatch, capsys):
+    """resnet_2111's report says 93.81%; on a lossy copy whose calibration puts airbench94 3.33
+    points below its published 94.01%, every run (the warm-up too) is given 90.48% and stops
+    there; the result counts the runs that reached it and their training time to it."""
+    out, targets = tmp_path / "r.json", []
+    # seeds 0..4 score 90.10, 90.20, ..., 90.50: only the last reaches 90.48
+    _fake_train(monkeypatch, out, targets=targets, accuracy=lambda s: 0.9010 + (s % 100) / 1000)
+    result = speedrun(model="resnet_2111", runs=5, baseline=False, data=tiny / "data", out=out, device="cpu",
+                      target="report", calibration=_calibration(tmp_path, tiny))
+    assert targets == [pytest.approx(0.9048)] * 6
+    goal = result["target"]
+    assert goal["value"] == pytest.approx(0.9048) and goal["published"] == pytest.approx(0.9381)
+    assert goal["penalty"] == pytest.approx(0.0333) and goal["from"] == "report" and goal["published_by_report"]
+    assert [r["target_reached"] for r in result["runs"]] == [False, False, False, False, True]
+    assert goal["runs"] == 5 and goal["reached_runs"] == 1
+    reached = result["runs"][4]
+    assert reached["epochs"] == 3 and reached["train_to_target_s"] == pytest.approx(2e-4)
+    assert reached["time_to_target_s"] == reached["time_s"] and result["runs"][0]["time_to_target_s"] is None
+    assert goal["train_to_target_max_s"] == pytest.approx(2e-4)
+    assert result["settings"]["target"] == pytest.approx(0.9048)     # its own leaderboard row
+    assert json.loads(out.read_text())["target"]["reached_runs"] == 1
+    printed = capsys.readouterr().out
+    assert "target 90.48% (the report's 93.81% less the data's penalty 3.33 points): reached in 1 of 5 runs" in printed
+    assert "target MISSED after 4 epochs" in printed and "target reached after epoch 3" in printed
+
+
+def test_target_report_without_a_published_accuracy_is_94(tiny, tmp_path, monkeypatch):
+    targets = []
+    _fake_train(monkeypatch, tmp_path / "r.json", targets=targets)
+    result = speedrun(model="resnet_353_dropout", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                      device="cpu", target="report", calibration=_calibration(tmp_path, tiny, gap=0.03))
+    assert targets == [pytest.approx(0.91)] * 2 and not result["target"]["published_by_report"]
+    plain = speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "p.json", device="cpu", target="91.5")
+    assert targets[2:] == [pytest.approx(0.915)] * 2 and plain["target"] == {
+        "value": pytest.approx(0.915), "from": "given", "runs": 1, "reached_runs": 0,
+        "train_to_target_median_s": None, "train_to_target_max_s": None}
+    assert "target_reached" in plain["runs"][0] and "target" not in speedrun(
+        runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu")
+
+
+def test_target_refuses_a_calibration_of_other_data(tiny, tmp_path, monkeypatch):
+    import fastcifar.train as T
+
+    monkeypatch.setattr(T, "train", lambda cfg: pytest.fail("a run started"))
+    other = _calibration(tmp_path, tiny, identity="0123456789abcdef")
+    with pytest.raises(UserError, match="measured on other data"):
+        speedrun(model="resnet_2111", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                 device="cpu", target="report", calibration=other)
+    no_gap = tmp_path / "nogap.json"
+    no_gap.write_text(json.dumps({"kind": "bench_train"}))
+    with pytest.raises(UserError, match="no measured airbench94 accuracy"):
+        speedrun(model="resnet_2111", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                 device="cpu", target="report", calibration=no_gap)
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_real_run_stops_at_its_target(tiny, tmp_path):
+    """On the CPU with tiny data: a target of 0.1% (one test image of 32 right) is reached after
+    the first of three epochs, and the run stops there."""
+    result = speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                      device="cpu", overrides={"epochs": "3", "batch_size": "32"}, target="0.001")
+    [run] = result["runs"]
+    assert run["target_reached"] and run["epochs"] == 1 and result["warmup"]["target_reached"]
+    assert 0 < run["train_to_target_s"] <= run["train_s"] and run["time_to_target_s"] == run["time_s"]
+    assert result["target"]["reached_runs"] == 1

@@ -484,3 +484,39 @@ def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
     made = sorted(p.name for p in out.iterdir())
     assert {"profile_step.json", "profile_step_reduce-overhead.json", "profile_traces.tar.gz",
             "profile_traces_reduce-overhead.tar.gz", "speedrun_speedrun_net_reduce-overhead.json"} <= set(made)
+
+
+def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
+    """The zoo stage: per MODEL[:FIELD=VALUE,...] one `fastcifar speedrun --no-baseline --target
+    report --calibration FILE` with the overrides as --set, $ZOO_TARGET_RUNS runs, one result
+    file per spec, all packed into zoo_results.tar.gz. Python is a stub that records its
+    arguments."""
+    import tarfile
+
+    log = tmp_path / "calls.log"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/bash\necho "$*" >> "$CALLS"\nwhile [ $# -gt 0 ]; do\n'
+                    '  [ "$1" = --out ] && echo "{}" > "$2"\n  shift\ndone\n')
+    fake.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.beton", "test.beton"):
+        (data / name).touch()
+    out, res = tmp_path / "out", tmp_path / "res"
+    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(res),
+           "PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(log), "ZOO_TARGET_RUNS": "4",
+           "CALIBRATION": "cal.json", "COMPILE_CACHE_DIR": str(tmp_path / "cache")}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "zoo", "resnet_2111:epochs=40,lr=0.1",
+                        "resnet_6543"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    calls = [c for c in log.read_text().splitlines() if "preflight.py" not in c]
+    assert len(calls) == 2, calls
+    tuned, plain = calls
+    for call, model in ((tuned, "resnet_2111"), (plain, "resnet_6543")):
+        assert call.startswith(f"-m fastcifar.cli speedrun --model {model} --no-baseline --runs 4 "
+                               "--target report --calibration cal.json"), call
+    assert "--set epochs=40 --set lr=0.1" in tuned and "--set" not in plain
+    assert tuned.endswith(f"--out {res}/zoo_resnet_2111_epochs_40_lr_0.1_gpu.json")
+    assert plain.endswith(f"--out {res}/zoo_resnet_6543_gpu.json")
+    with tarfile.open(out / "zoo_results.tar.gz") as tar:
+        assert sorted(tar.getnames()) == ["zoo_resnet_2111_epochs_40_lr_0.1_gpu.json", "zoo_resnet_6543_gpu.json"]
