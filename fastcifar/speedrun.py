@@ -316,6 +316,9 @@ def resolve_target(target: Optional[str], calibration: Optional[Path], model: st
                             f"accuracy; give --calibration FILE (a `fastcifar calibrate` result on this data) "
                             f"to subtract its penalty, or --target as a number")
         goal.update(penalty=_penalty_from(Path(calibration), data_files), calibration=str(calibration))
+    elif calibration is not None:
+        raise UserError(f"--calibration: {data_files.name} is not a lossy copy, so the report's accuracy is the "
+                        f"target as it stands; leave --calibration out")
     goal["value"] = goal["published"] - goal["penalty"]
     return goal
 

@@ -542,6 +542,22 @@ def test_target_report_without_a_published_accuracy_is_94(tiny, tmp_path, monkey
         runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu")
 
 
+def test_target_report_on_original_pixels_is_the_report(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "original"
+    shutil.copytree(tiny / "data", data)
+    (data / "manifest.json").write_text(json.dumps({"source": "/x/cifar-10-python.tar.gz", "lossy_source": False}))
+    targets = []
+    _fake_train(monkeypatch, tmp_path / "r.json", targets=targets)
+    result = speedrun(model="resnet_2111", runs=1, baseline=False, data=data, out=tmp_path / "r.json",
+                      device="cpu", target="report")
+    assert targets == [pytest.approx(0.9381)] * 2 and result["target"]["penalty"] == 0
+    with pytest.raises(UserError, match="is not a lossy copy"):
+        speedrun(model="resnet_2111", runs=1, baseline=False, data=data, out=tmp_path / "q.json", device="cpu",
+                 target="report", calibration=_calibration(tmp_path, tiny))
+
+
 def test_target_refuses_a_calibration_of_other_data(tiny, tmp_path, monkeypatch):
     import fastcifar.train as T
 
