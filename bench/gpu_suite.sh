@@ -318,8 +318,9 @@ stage_zoo() {
       tag="_$(printf "%s" "${spec#*:}" | tr -c "A-Za-z0-9.-" "_")"
     fi
     local f="$RESULTS/zoo_${m}${tag}_gpu.json"
+    # a one-epoch warm-up compiles all the runs need (a whole one would cost ~1-2 minutes)
     step $FC speedrun --model "$m" --no-baseline --runs "$ZOO_TARGET_RUNS" --target report \
-      --calibration "$CALIBRATION" "${sets[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
+      --calibration "$CALIBRATION" --warmup-epochs 1 "${sets[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     # re-packed after every model: a call cut short still brings back every finished run
     local lb=(); [ -d "$RESULTS/leaderboard" ] && lb=(leaderboard)

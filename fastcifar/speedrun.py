@@ -61,7 +61,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              original_npz: Optional[Path] = None,
              loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
              margin: float = ACCURACY_MARGIN, compile_mode: Optional[str] = None,
-             target: Optional[str] = None, calibration: Optional[Path] = None) -> dict:
+             target: Optional[str] = None, calibration: Optional[Path] = None,
+             warmup_epochs: Optional[int] = None) -> dict:
     """Run the speedrun; returns the result written to ``out``. With ``target`` (see
     `resolve_target`) every run stops as soon as its test accuracy reaches it, and the result
     records, per run, whether and when it did."""
@@ -71,6 +72,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     # --- check everything before the first (long) run ------------------------------------------
     if runs < 1:
         raise UserError(f"--runs must be at least 1, got {runs}")
+    if warmup_epochs is not None and warmup_epochs < 1:
+        raise UserError(f"--warmup-epochs must be at least 1, got {warmup_epochs}")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
     check_compile_mode(compile_mode)
@@ -120,8 +123,9 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         work = Path(work)
         npz_beton = _npz_as_beton(original_npz, work) if original_npz is not None else None
 
-        def one_run(run_seed: int, name: str) -> tuple[dict, dict]:
-            summary = _train_once(model, overrides, model_options, data, work / name, device, run_seed,
+        def one_run(run_seed: int, name: str, epochs: Optional[int] = None) -> tuple[dict, dict]:
+            run_overrides = {**(overrides or {}), **({"epochs": epochs} if epochs else {})}
+            summary = _train_once(model, run_overrides, model_options, data, work / name, device, run_seed,
                                   loader, bn_backend, compile, compile_mode,
                                   None if goal is None else goal["value"])
             t = summary.times
@@ -146,7 +150,11 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
             say(f"  target: {target_text(goal)}; each run stops when its test accuracy reaches it")
         t0 = time.perf_counter()
         try:
-            warm, summary = one_run(seed + 10_000, "warmup")
+            # the warm-up compiles what every run runs (the train step and the evaluation, whose
+            # shapes do not depend on the epochs); one epoch of it does that in a fraction of
+            # the time of a whole run (--warmup-epochs), which matters for the larger models
+            warm, summary = one_run(seed + 10_000, "warmup", warmup_epochs)
+            warm["epochs_trained"] = summary.epochs_completed
         except Exception as e:  # a broken recipe or device fails every run alike: stop here
             result["warmup"] = {"seed": seed + 10_000, "error": _error(e)}
             rec.finish("failed", say)

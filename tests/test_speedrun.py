@@ -583,3 +583,13 @@ def test_a_real_run_stops_at_its_target(tiny, tmp_path):
     assert run["target_reached"] and run["epochs"] == 1 and result["warmup"]["target_reached"]
     assert 0 < run["train_to_target_s"] <= run["train_s"] and run["time_to_target_s"] == run["time_s"]
     assert result["target"]["reached_runs"] == 1
+
+
+def test_warmup_epochs_shorten_the_warmup_only(tiny, tmp_path, capsys):
+    """--warmup-epochs 1: the untimed warm-up trains one epoch, the timed runs the recipe's."""
+    result = speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
+                      device="cpu", overrides={"epochs": "2", "batch_size": "32"}, warmup_epochs=1)
+    assert result["warmup"]["epochs_trained"] == 1 and result["recipe_fields"]["epochs"] == 2
+    assert result["runs"][0]["train_s"] > 0 and "error" not in result["runs"][0]
+    with pytest.raises(UserError, match="--warmup-epochs must be at least 1"):
+        speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu", warmup_epochs=0)

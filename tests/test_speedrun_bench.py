@@ -514,7 +514,7 @@ def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
     tuned, plain = calls
     for call, model in ((tuned, "resnet_2111"), (plain, "resnet_6543")):
         assert call.startswith(f"-m fastcifar.cli speedrun --model {model} --no-baseline --runs 4 "
-                               "--target report --calibration cal.json"), call
+                               "--target report --calibration cal.json --warmup-epochs 1"), call
     assert "--set epochs=40 --set lr=0.1" in tuned and "--set" not in plain
     assert tuned.endswith(f"--out {res}/zoo_resnet_2111_epochs_40_lr_0.1_gpu.json")
     assert plain.endswith(f"--out {res}/zoo_resnet_6543_gpu.json")
