@@ -26,6 +26,11 @@ Every row gets mean, std and 95% confidence interval of accuracy and time, and e
 - otherwise with all baseline runs recorded on the same data identity and the same device,
   pooled; with none there, there is no comparison.
 
+Target rows (`fastcifar speedrun --target`) are runs that stopped as soon as they reached a
+target accuracy: their time is the time to it (or to the recipe's end, for a run that missed),
+their accuracy what they had then. They are not compared with the baseline, which trains to the
+end of its schedule.
+
 Train rows get the accuracy test only: their time is training alone, without the final
 evaluation the speedrun and baseline times include, so it is not tested against the baseline's
 and a train row is never a record. A record is a speedrun row with at least 5 runs and p < 0.05
@@ -59,7 +64,7 @@ from fastcifar.results import (ACCURACY_MARGIN, atomic_write_text, compare, desc
                                format_pm, now_iso)
 
 ENTRY_DIR = "leaderboard"
-KINDS = ("speedrun", "baseline", "train")
+KINDS = ("speedrun", "baseline", "train", "target")
 REQUIRED = ("model", "recipe", "device", "data", "accuracies", "times_s")
 TARGET = 0.94  # the speedrun target accuracy, drawn on the plot
 NOT_SETTINGS = ("sources", "notes", "tag")  # recipe fields that do not change a result (tag has its own column)
@@ -253,7 +258,7 @@ def _compare_with_baselines(rows: list[dict], margin: float) -> None:
     by_id = {r["id"]: r for r in baselines}
     for row in rows:
         row["comparison"], row["record"] = None, False
-        if row["kind"] == "baseline":
+        if row["kind"] in ("baseline", "target"):
             continue
         own = by_id.get(f"{row['id']}-baseline") if row["kind"] == "speedrun" else None
         if own is not None:
@@ -295,6 +300,10 @@ def render_markdown(rows: list[dict], margin: float = ACCURACY_MARGIN) -> str:
         "p < 0.05 on both. — : no test (fewer than 2 runs on a side, or no baseline to compare with).",
         "*settings*: where rows of one model differ in recipe, model options, precision, processes,",
         "backend, loader or compilation, the differing values and a hash of all settings.",
+        "*target* rows: runs that stopped as soon as they reached the accuracy named (`fastcifar",
+        "speedrun --target`); their time is the time to it, including the evaluation after every",
+        "epoch that checked it (to the recipe's end for a run that missed it), and *runs* says how",
+        "many reached it. They are not tested against the baseline, which trains to its end.",
         "",
         "| model | kind | recipe | settings | device | data | accuracy (%) | 95% CI | time (s) | 95% CI "
         "| runs | p acc | p time | record | date | versions |",
@@ -303,9 +312,14 @@ def render_markdown(rows: list[dict], margin: float = ACCURACY_MARGIN) -> str:
     differing = _differing_settings(rows)
     for r in rows:
         c = r.get("comparison") or {}
-        runs = str(r["runs"]) + (f" ({r['failed_runs']} failed)" if r.get("failed_runs") else "")
+        notes = ([f"{r['reached_runs']} reached"] if r["kind"] == "target" and "reached_runs" in r else []) + \
+            ([f"{r['failed_runs']} failed"] if r.get("failed_runs") else [])
+        runs = str(r["runs"]) + (f" ({', '.join(notes)})" if notes else "")
+        kind = r["kind"]
+        if kind == "target" and _is_number(r.get("target")):
+            kind = f"target {100 * r['target']:.2f}%"
         lines.append("| " + " | ".join([
-            r["model"], r["kind"], r["recipe"], _settings_cell(r, differing.get(r["model"], [])),
+            r["model"], kind, r["recipe"], _settings_cell(r, differing.get(r["model"], [])),
             r["device"], r["data"] + (f" `{r['data_sha256'][:8]}`" if r.get("data_sha256") else ""),
             format_pm(r["accuracy_mean"], r["accuracy_std"], 100), format_ci(r.get("accuracy_ci95"), 100),
             format_pm(r["time_mean_s"], r["time_std_s"]), format_ci(r.get("time_ci95_s")),
@@ -363,7 +377,7 @@ def _plot_figure(rows: list[dict]):
     from matplotlib.ticker import FuncFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = {"speedrun": "o", "baseline": "s", "train": "^"}
+    markers = {"speedrun": "o", "baseline": "s", "train": "^", "target": "D"}
     data_sources = sorted({r["data"] for r in rows})
     colors = {d: f"C{i}" for i, d in enumerate(data_sources)}
     for r in rows:

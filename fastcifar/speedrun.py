@@ -433,8 +433,11 @@ def _entries(result: dict) -> list[dict]:
               "date": result["date"], "versions": result.get("versions", {}), "command": result["command"],
               "runs_planned": len(result["seeds"])}
     entries = []
-    for kind, runs, extra in (("speedrun", result["runs"], {"id": result["id"], "model": result["model"],
-                                                             "recipe": "fast", "settings": result.get("settings", {})}),
+    ours = {"id": result["id"], "model": result["model"], "recipe": "fast", "settings": result.get("settings", {})}
+    goal = result.get("target")
+    if goal:   # runs stopped at a target: their own kind of row, with the target and how many reached it
+        ours.update(target=goal["value"], reached_runs=sum(bool(r.get("target_reached")) for r in _ok(result["runs"])))
+    for kind, runs, extra in (("target" if goal else "speedrun", result["runs"], ours),
                               ("baseline", (result.get("baseline") or {}).get("runs", []),
                                {"id": result["id"] + "-baseline", "model": (result.get("baseline") or {}).get("name"),
                                 "recipe": (result.get("baseline") or {}).get("package")})):

@@ -417,3 +417,18 @@ def test_plot_labels_merge_repeats_and_never_overlap(tmp_path):
             assert not a.overlaps(b), (a, b)
     moved = [t for t in texts.values() if t.arrow_patch is not None]
     assert len(moved) == 2     # of the three at one point, two moved down (with a line to it)
+
+
+def test_target_rows_are_shown_as_such_and_never_tested(tmp_path):
+    """Runs stopped at a target (`speedrun --target`) are their own kind of row: the target and
+    how many runs reached it are shown, and they are not compared with the baseline."""
+    add_entry(tmp_path, _entry(model="airbench94", kind="baseline", id="b", accs=(0.906, 0.907), times=(2.6, 2.7)))
+    add_entry(tmp_path, _entry(model="resnet_2111", kind="target", id="t", accs=(0.905, 0.9052, 0.899),
+                               times=(40.0, 41.0, 55.0), target=0.9048, reached_runs=2))
+    add_entry(tmp_path, _entry(model="speedrun_net", id="s", accs=(0.90, 0.901), times=(2.0, 2.1)))
+    rows = {r["model"]: r for r in collect([tmp_path])}
+    assert rows["resnet_2111"]["comparison"] is None and rows["speedrun_net"]["comparison"] is not None
+    md = render_markdown(list(rows.values()))
+    assert "| resnet_2111 | target 90.48% | fast |" in md and "| 3 (2 reached) |" in md
+    with pytest.raises(ValueError, match="entry kind must be one of speedrun, baseline, train, target"):
+        add_entry(tmp_path, _entry(kind="targets"))

@@ -521,8 +521,14 @@ def test_target_report_is_the_report_less_the_calibrated_penalty(tiny, tmp_path,
     assert reached["epochs"] == 3 and reached["train_to_target_s"] == pytest.approx(2e-4)
     assert reached["time_to_target_s"] == reached["time_s"] and result["runs"][0]["time_to_target_s"] is None
     assert goal["train_to_target_max_s"] == pytest.approx(2e-4)
-    assert result["settings"]["target"] == pytest.approx(0.9048)     # its own leaderboard row
+    assert result["settings"]["target"] == pytest.approx(0.9048)     # its own leaderboard row ...
     assert json.loads(out.read_text())["target"]["reached_runs"] == 1
+    [entry] = result["entries"]                                        # ... of its own kind
+    assert entry["kind"] == "target" and entry["reached_runs"] == 1 and entry["target"] == pytest.approx(0.9048)
+    from fastcifar.leaderboard import render_markdown
+    [row] = collect([tmp_path])
+    assert row["kind"] == "target" and row["comparison"] is None and not row["record"]
+    assert "| resnet_2111 | target 90.48% | fast |" in render_markdown([row]) and "| 5 (1 reached) |" in render_markdown([row])
     printed = capsys.readouterr().out
     assert "target 90.48% (the report's 93.81% less the data's penalty 3.33 points): reached in 1 of 5 runs" in printed
     assert "target MISSED after 4 epochs" in printed and "target reached after epoch 3" in printed
