@@ -160,7 +160,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
             rec.finish("failed", say)
             raise UserError(f"the warm-up run failed ({result['warmup']['error']}); nothing was timed; "
                             f"see {out}") from None
-        say(f"  warm-up run: {100 * warm['accuracy']:.2f}% in {time.perf_counter() - t0:.1f} s wall "
+        say(f"  warm-up run ({warm['epochs_trained']} epoch{'s' if warm['epochs_trained'] != 1 else ''}): "
+            f"{100 * warm['accuracy']:.2f}% in {time.perf_counter() - t0:.1f} s wall "
             f"(compile/warm-up {warm['compile_warmup_s']:.1f} s; untimed)")
         result.update(warmup=warm, device=summary.device, versions=summary.versions,
                       machine=machine_info(device), params=summary.params, precision=summary.precision,

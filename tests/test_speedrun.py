@@ -596,6 +596,7 @@ def test_warmup_epochs_shorten_the_warmup_only(tiny, tmp_path, capsys):
     result = speedrun(model="speedrun_net", runs=1, baseline=False, data=tiny / "data", out=tmp_path / "r.json",
                       device="cpu", overrides={"epochs": "2", "batch_size": "32"}, warmup_epochs=1)
     assert result["warmup"]["epochs_trained"] == 1 and result["recipe_fields"]["epochs"] == 2
+    assert "warm-up run (1 epoch): " in capsys.readouterr().out
     assert result["runs"][0]["train_s"] > 0 and "error" not in result["runs"][0]
     with pytest.raises(UserError, match="--warmup-epochs must be at least 1"):
         speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu", warmup_epochs=0)
