@@ -30,6 +30,7 @@ ends by saying the baseline is missing.
 """
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 import uuid
@@ -335,8 +336,6 @@ def resolve_target(target: Optional[str], calibration: Optional[Path], model: st
 def _penalty_from(path: Path, data_files) -> float:
     """airbench94's gap to its published accuracy, from a calibration (or speedrun) result
     measured on the same data."""
-    import json
-
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -437,7 +436,7 @@ def _entries(result: dict) -> list[dict]:
     ours = {"id": result["id"], "model": result["model"], "recipe": "fast", "settings": result.get("settings", {})}
     goal = result.get("target")
     if goal:   # runs stopped at a target: their own kind of row, with the target and how many reached it
-        ours.update(target=goal["value"], reached_runs=sum(bool(r.get("target_reached")) for r in _ok(result["runs"])))
+        ours.update(target=goal["value"], reached_runs=goal["reached_runs"])
     for kind, runs, extra in (("target" if goal else "speedrun", result["runs"], ours),
                               ("baseline", (result.get("baseline") or {}).get("runs", []),
                                {"id": result["id"] + "-baseline", "model": (result.get("baseline") or {}).get("name"),

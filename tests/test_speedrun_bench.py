@@ -449,10 +449,10 @@ def test_gpu_suite_tests_stage_runs_shards_at_once(tmp_path):
         assert sum(int(s.get("skipped")) for s in suites) >= 20
 
 
-def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
-    """The overhead stage: profile_step in torch.compile's default mode, then in
-    reduce-overhead (its own result and trace files), then speedrun_net against the baseline
-    with --compile-mode reduce-overhead. Python is a stub that records its arguments."""
+def _suite_with_stub_python(tmp_path, stage, *args, **env_extra):
+    """`bash bench/gpu_suite.sh STAGE ARGS` with a stub Python that records each command line
+    (writing "{}" to any --out and a trace to any --trace-dir) and empty .beton files as data.
+    Returns (completed process, the recorded calls but preflight's, the $OUT folder)."""
     log = tmp_path / "calls.log"
     fake = tmp_path / "python"
     fake.write_text('#!/bin/bash\necho "$*" >> "$CALLS"\nwhile [ $# -gt 0 ]; do\n'
@@ -467,11 +467,19 @@ def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
     out = tmp_path / "out"
     env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(tmp_path / "res"),
            "PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(log),
-           "COMPILE_CACHE_DIR": str(tmp_path / "cache")}
-    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "overhead"], capture_output=True, text=True,
+           "COMPILE_CACHE_DIR": str(tmp_path / "cache"), **env_extra}
+    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), stage, *args], capture_output=True, text=True,
                        env=env, timeout=120, cwd=tmp_path)
+    calls = [c for c in log.read_text().splitlines() if "preflight.py" not in c] if log.exists() else []
+    return r, calls, out
+
+
+def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
+    """The overhead stage: profile_step in torch.compile's default mode, then in
+    reduce-overhead (its own result and trace files), then speedrun_net against the baseline
+    with --compile-mode reduce-overhead. Python is a stub that records its arguments."""
+    r, calls, out = _suite_with_stub_python(tmp_path, "overhead")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    calls = [c for c in log.read_text().splitlines() if "preflight.py" not in c]
     assert len(calls) == 3, calls
     default, graphs, speedrun = calls
     assert "bench/profile_step.py" in default and "--compile-mode" not in default
@@ -493,30 +501,16 @@ def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
     arguments."""
     import tarfile
 
-    log = tmp_path / "calls.log"
-    fake = tmp_path / "python"
-    fake.write_text('#!/bin/bash\necho "$*" >> "$CALLS"\nwhile [ $# -gt 0 ]; do\n'
-                    '  [ "$1" = --out ] && echo "{}" > "$2"\n  shift\ndone\n')
-    fake.chmod(0o755)
-    data = tmp_path / "data"
-    data.mkdir()
-    for name in ("train.beton", "test.beton"):
-        (data / name).touch()
-    out, res = tmp_path / "out", tmp_path / "res"
-    env = {"OUT": str(out), "DATA": str(data), "GPU_DATA": str(tmp_path / "none"), "RESULTS": str(res),
-           "PATH": "/usr/bin:/bin", "PYTHON": str(fake), "CALLS": str(log), "ZOO_TARGET_RUNS": "4",
-           "CALIBRATION": "cal.json", "COMPILE_CACHE_DIR": str(tmp_path / "cache")}
-    r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "zoo", "resnet_2111:epochs=40,lr=0.1",
-                        "resnet_6543"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    r, calls, out = _suite_with_stub_python(tmp_path, "zoo", "resnet_2111:epochs=40,lr=0.1", "resnet_6543",
+                                            ZOO_TARGET_RUNS="4", CALIBRATION="cal.json")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    calls = [c for c in log.read_text().splitlines() if "preflight.py" not in c]
     assert len(calls) == 2, calls
     tuned, plain = calls
     for call, model in ((tuned, "resnet_2111"), (plain, "resnet_6543")):
         assert call.startswith(f"-m fastcifar.cli speedrun --model {model} --no-baseline --runs 4 "
                                "--target report --calibration cal.json --warmup-epochs 1"), call
     assert "--set epochs=40 --set lr=0.1" in tuned and "--set" not in plain
-    assert tuned.endswith(f"--out {res}/zoo_resnet_2111_epochs_40_lr_0.1_gpu.json")
-    assert plain.endswith(f"--out {res}/zoo_resnet_6543_gpu.json")
+    assert tuned.endswith(f"--out {tmp_path}/res/zoo_resnet_2111_epochs_40_lr_0.1_gpu.json")
+    assert plain.endswith(f"--out {tmp_path}/res/zoo_resnet_6543_gpu.json")
     with tarfile.open(out / "zoo_results.tar.gz") as tar:
         assert sorted(tar.getnames()) == ["zoo_resnet_2111_epochs_40_lr_0.1_gpu.json", "zoo_resnet_6543_gpu.json"]
