@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from beton_data import DEFAULT_DATA_DIR  # noqa: E402
 from fastcifar.config import COMPILE_MODES  # noqa: E402
+from fastcifar.step import cudagraph_note  # noqa: E402
 
 BACKENDS = ("eager", "compiled", "triton")
 LOADERS = ("ffcv", "gpu")
@@ -147,7 +148,7 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
                         device: torch.device, args) -> list[dict]:
     """One row per loader for this (model, BN backend); a failure becomes a row's "error"."""
     from fastcifar.models import TRAIN_FLOPS_PER_FORWARD, forward_flops
-    from fastcifar.step import benchmark_step
+    from fastcifar.step import benchmark_step, watch_cudagraphs
 
     options = args.model_opt
     rows = [dict({"model": model_name, "bn_backend": backend, "loader": kind},
@@ -155,6 +156,7 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
                  **({"compile_mode": args.compile_mode} if args.compile_mode else {}))
             for kind in loaders]
     gpu = device.type == "cuda"
+    cudagraphs = watch_cudagraphs(not args.no_compile, args.compile_mode)
     try:
         train_step, recipe, batch = benchmark_step(model_name, backend, device, args.batch_size,
                                                    compile=not args.no_compile, model_options=options,
@@ -171,6 +173,8 @@ def bench_model_backend(model_name: str, backend: str, loaders: list[str], train
                 # arithmetic throughput: images/s x ~3 forward passes' FLOPs per image
                 row["train_gflop_per_image"] = TRAIN_FLOPS_PER_FORWARD * forward_flops(model_name, **options) / 1e9
                 row["achieved_tflops"] = row["images_per_s"] * row["train_gflop_per_image"] / 1e3
+                if cudagraphs is not None:   # a graph run without CUDA graphs is a different benchmark
+                    row["cudagraphs"] = cudagraphs.report()
             except Exception as e:  # recorded, not fatal: the other configurations still run
                 row["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -262,7 +266,8 @@ def format_row(r: dict) -> str:
         return f"{head}  FAILED: {r['error']}"
     mem = f"{r['peak_mem_mib']:8.0f} MiB" if r["peak_mem_mib"] is not None else "       - MiB"
     return (f"{head}  {r['images_per_s']:10.0f} img/s  {r['achieved_tflops']:7.2f} TFLOP/s  step {r['step_ms']:7.2f} ms  "
-            f"data wait {100 * r['data_wait_share']:5.1f}%  {mem}  warm-up {r['compile_warmup_s']:6.1f} s")
+            f"data wait {100 * r['data_wait_share']:5.1f}%  {mem}  warm-up {r['compile_warmup_s']:6.1f} s"
+            f"{cudagraph_note(r.get('cudagraphs'))}")
 
 
 if __name__ == "__main__":

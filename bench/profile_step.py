@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from fastcifar.config import COMPILE_MODES  # noqa: E402
 from fastcifar.machine import device_us, machine_info, sync  # noqa: E402
+from fastcifar.step import cudagraph_note  # noqa: E402
 
 # Kernel names -> what they do (first match wins). The fused BN kernels are kernels/bn_kernels.py's.
 CATEGORIES = (
@@ -99,9 +100,10 @@ def summarize_events(averages, n_steps: int, gpu: bool, top: int) -> dict:
 def profile_one(model_name: str, backend: str, device: torch.device, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from fastcifar.step import benchmark_step
+    from fastcifar.step import benchmark_step, watch_cudagraphs
 
     gpu = device.type == "cuda"
+    cudagraphs = watch_cudagraphs(not args.no_compile, args.compile_mode)
     step, _, batch = benchmark_step(model_name, backend, device, args.batch_size, compile=not args.no_compile,
                                     model_options=args.model_opt,
                                     compile_mode=args.compile_mode)
@@ -147,6 +149,8 @@ def profile_one(model_name: str, backend: str, device: torch.device, args) -> di
     row["device_idle_share"] = max(0.0, 1 - row["kernel_ms_per_step"] / step_ms) if gpu else None
     if args.model_opt:
         row["model_options"] = args.model_opt
+    if cudagraphs is not None:   # graphs replayed launch by launch despite the mode, and why
+        row["cudagraphs"] = cudagraphs.report()
     if args.trace_dir:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
@@ -167,7 +171,7 @@ def format_row(r: dict) -> str:
                      for k, v in list(r["by_category"].items())[:5])
     idle = "" if r["device_idle_share"] is None else f"  idle {100 * r['device_idle_share']:4.1f}%"
     return (f"{head}  step {r['step_ms']:8.2f} ms  {r['kernels_per_step']:6.0f} launches"
-            f"  kernels {r['kernel_ms_per_step']:8.2f} ms{idle}  | {cats}")
+            f"  kernels {r['kernel_ms_per_step']:8.2f} ms{idle}  | {cats}{cudagraph_note(r.get('cudagraphs'))}")
 
 
 def main(argv=None) -> dict:

@@ -22,6 +22,7 @@ BN_BACKENDS = ("eager", "compiled", "triton")
 LOADERS = ("gpu", "ffcv")
 # torch.compile's modes; reduce-overhead and max-autotune replay the step's kernels as CUDA graphs
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_compile_mode(mode: Optional[str]) -> None:
@@ -48,7 +49,7 @@ class TrainConfig:
     out: Optional[str] = option(None, "--out", "-o", metavar="DIR", help="Run folder (default: runs/<model>-<timestamp>).")
     device: str = option("auto", "--device", metavar="DEVICE", resumable=True, help="auto (cuda if available), cuda, cuda:N or cpu.")
     compile: Optional[bool] = option(None, "--compile/--no-compile", help="torch.compile the model (default: on for GPU, off for CPU).")
-    compile_mode: Optional[str] = option(None, "--compile-mode", metavar="MODE", help="torch.compile mode: default, reduce-overhead (CUDA graphs: no launch gaps), max-autotune, max-autotune-no-cudagraphs.")
+    compile_mode: Optional[str] = option(None, "--compile-mode", metavar="MODE", help="torch.compile mode: default, reduce-overhead (CUDA graphs: no launch gaps; a graph it cannot capture runs without them, and the log and summary.json say why), max-autotune, max-autotune-no-cudagraphs.")
     precision: Optional[str] = option(None, "--precision", metavar="fp16|bf16|fp32", help="fp16 (autocast + GradScaler) | bf16 | fp32 (default on GPU: fp16; bf16 for optimizers without a fused implementation; fp32 on CPU).")
     bn_backend: Optional[str] = option(None, "--bn-backend", metavar="eager|compiled|triton", help="BatchNorm+ReLU: eager | compiled | triton (default: compiled when compiling on GPU, else eager).")
     loader: Optional[str] = option(None, "--loader", metavar="gpu|ffcv", help="gpu (data in device memory, torch augmentation; default) or ffcv (CPU worker threads).")
@@ -114,6 +115,9 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, Recipe, Optional[dict], list
     if bn_backend not in BN_BACKENDS:
         raise UserError(f"unknown BN backend {bn_backend!r}; choose one of {', '.join(BN_BACKENDS)}")
     check_compile_mode(cfg.compile_mode)
+    if compile_ and not gpu and cfg.compile_mode in CUDAGRAPH_MODES:
+        notes.append(f"compile mode {cfg.compile_mode}: CUDA graphs need a GPU, so on the CPU "
+                     f"the compiled step runs without them")
     loader = cfg.loader or "gpu"
     if loader not in LOADERS:
         raise UserError(f"unknown loader {loader!r}; choose one of {', '.join(LOADERS)}")

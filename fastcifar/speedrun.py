@@ -141,6 +141,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                 r.update(target_reached=reached is not None, epochs=summary.epochs_completed,
                          train_to_target_s=reached["train_s"] if reached else None,
                          time_to_target_s=r["time_s"] if reached else None)
+            if summary.cudagraphs is not None:   # graphs compiled by this run that ran without CUDA graphs
+                r["cudagraphs"] = summary.cudagraphs
             if npz_beton is not None:
                 r["original_accuracy"] = _accuracy_on(work / name, npz_beton, device)
             return r, summary

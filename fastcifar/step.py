@@ -22,6 +22,7 @@ that torch.compile makes one graph of both.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,70 @@ def training_net(model: torch.nn.Module, label_smoothing: float, compile: bool,
     to. (`fastcifar train` wraps it in DDP when it runs on several processes.)"""
     net = ForwardLoss(model, label_smoothing)
     return torch.compile(net, mode=compile_mode) if compile else net
+
+
+class CudaGraphSkips:
+    """Graphs torch.compile was asked to replay as CUDA graphs and ran without them, and why.
+
+    Why this exists: under a CUDA-graph mode (reduce-overhead) inductor captures each compiled
+    graph once and replays it with one launch, which is what frees a host-bound step (on the
+    H100 speedrun_net's compiled step was 51% idle). When it cannot capture a graph (an input
+    mutated in place, a CPU tensor in the graph, an op it cannot record), it runs that graph
+    launch by launch as in the default mode, says why on a log line that is off unless
+    TORCH_LOGS asks for it, and goes on: the step is as host-bound as before and nothing shows
+    it. This watcher counts those graphs (inductor's ``cudagraph_skips`` counter) and keeps
+    their reasons (its log lines) from its creation on, so that runs and benchmarks can report
+    them. On the CPU every graph is skipped, without a logged reason."""
+
+    _reasons: list[str] = []           # every reason logged in this process, in order
+    _handler: logging.Handler | None = None
+    MAX_CHARS = 600                    # a reason with its stack trace, cut to this length
+
+    def __init__(self):
+        cls = type(self)
+        if cls._handler is None:
+            class Collect(logging.Handler):
+                def emit(self, record):
+                    cls._reasons.append(record.getMessage()[:cls.MAX_CHARS])
+            cls._handler = Collect(logging.WARNING)
+            # inductor logs a skip at WARNING on its "cudagraphs" artifact logger, which does not
+            # propagate to the root logger unless TORCH_LOGS enables it; a handler on it still
+            # sees every record at WARNING or above
+            logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(cls._handler)
+        self._first_reason, self._first_count = len(cls._reasons), self._count()
+        self._reported = self._first_reason
+
+    @staticmethod
+    def _count() -> int:
+        from torch._dynamo.utils import counters
+        return int(counters["inductor"]["cudagraph_skips"])
+
+    def report(self) -> dict:
+        """``{"graphs_skipped": n, "reasons": [distinct reasons, first seen first]}`` since creation."""
+        reasons = list(dict.fromkeys(type(self)._reasons[self._first_reason:]))
+        # (max: someone may have cleared inductor's counters since)
+        return {"graphs_skipped": max(self._count() - self._first_count, 0), "reasons": reasons}
+
+    def new_reasons(self) -> list[str]:
+        """Reasons logged since the last call (or creation), each once."""
+        new = type(self)._reasons[self._reported:]
+        self._reported += len(new)
+        return list(dict.fromkeys(new))
+
+
+def cudagraph_note(report: dict | None) -> str:
+    """A result line's suffix for a `CudaGraphSkips.report()`: "" when every graph was replayed
+    as a CUDA graph (or none was asked for)."""
+    if not report or not report["graphs_skipped"]:
+        return ""
+    return f"  [{report['graphs_skipped']} graph(s) without CUDA graphs: see \"cudagraphs\" in the results]"
+
+
+def watch_cudagraphs(compile: bool, compile_mode: str | None) -> CudaGraphSkips | None:
+    """A `CudaGraphSkips` when the step is compiled in a CUDA-graph mode (create it before the
+    first compile); None otherwise."""
+    from fastcifar.config import CUDAGRAPH_MODES
+    return CudaGraphSkips() if compile and compile_mode in CUDAGRAPH_MODES else None
 
 
 class TrainStep:

@@ -59,6 +59,9 @@ class RunSummary:
     times: dict                       # see fastcifar/timing.py: train_s, compile_warmup_s, ...
     train_time_s: float               # = times["train_s"], the figure a leaderboard ranks by
     signal: Optional[int] = None      # the signal that stopped the run, if one did
+    # under a CUDA-graph compile mode (reduce-overhead): graphs of this session that ran without
+    # CUDA graphs, and the reasons torch.compile gave (step.CudaGraphSkips); None otherwise
+    cudagraphs: Optional[dict] = None
     extra: dict = field(default_factory=dict)   # keys this version does not know (newer files)
 
     def to_dict(self) -> dict:

@@ -49,7 +49,7 @@ from fastcifar.machine import command_line, device_name, sync, versions
 from fastcifar.recipe import Recipe
 from fastcifar.results import atomic_write_json, now_iso
 from fastcifar.runlog import RunLog, check_tensorboard
-from fastcifar.step import PRECISIONS, TrainStep, training_net
+from fastcifar.step import PRECISIONS, CudaGraphSkips, TrainStep, training_net, watch_cudagraphs
 from fastcifar.summary import RunSummary
 from fastcifar.timing import WARMUP_STEPS, Clock
 
@@ -105,6 +105,7 @@ class Run:
     notes: list
     data: DataFiles
     model_options_full: dict          # every builder option, as this run's network was built
+    cudagraphs: Optional[CudaGraphSkips]  # under a CUDA-graph compile mode: graphs run without them
     last_eval: Optional[dict] = None
 
 
@@ -180,6 +181,8 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
     # from before this was recorded fall back to the options given and today's defaults)
     from fastcifar.models import full_model_options
     full_options = (ckpt or {}).get("model_options_full") or full_model_options(cfg.model, **cfg.model_options)
+    # before the first compile, so that every graph run without CUDA graphs is counted
+    cudagraphs = watch_cudagraphs(cfg.compile, cfg.compile_mode)
     model, net = _model(cfg, recipe, full_options, len(classes), info, device)
     train_loader, test_loader = _loaders(cfg, recipe, data, info, device)
     if ckpt is None:   # resumed: the checkpoint holds the initialised weights
@@ -227,7 +230,7 @@ def _build(cfg, recipe, ckpt, data, info, device, clock, notes, classes, run_dir
                eval_net=eval_net, step=step, train_loader=train_loader, test_loader=test_loader,
                steps_per_epoch=steps_per_epoch, classes=classes, state=state, clock=clock, log=log,
                lock=lock, target=target, n_params=n_params, notes=notes, data=data,
-               model_options_full=full_options)
+               model_options_full=full_options, cudagraphs=cudagraphs)
 
 
 def _model(cfg: TrainConfig, recipe, options: dict, num_classes: int, info: dist.DistInfo,
@@ -393,6 +396,9 @@ def _end_of_epoch(run: Run, outcome: Outcome) -> None:
     s.history.append(record)
     run.log.epoch(record, run.classes, per_class,
                   _epoch_line(record, recipe.epochs, averaged=run.step.averaged is not None))
+    if run.cudagraphs is not None:   # the graphs compiled this epoch that run without CUDA graphs
+        for reason in run.cudagraphs.new_reasons():
+            run.log.say(f"note: torch.compile runs a graph without CUDA graphs, so launch by launch: {reason}")
     if cfg.epoch_checkpoints:
         _save(run)
 
@@ -478,7 +484,8 @@ def _summary(run: Run, outcome: Outcome) -> dict:
         best_acc=s.best_acc, best_epoch=s.best_epoch,
         per_class_acc=dict(zip(run.classes, ev["per_class_acc"])) if ev else None,
         target=run.target, target_reached=s.target_reached is not None, time_to_target=s.target_reached,
-        times=times, train_time_s=times["train_s"]).to_dict()
+        times=times, train_time_s=times["train_s"],
+        cudagraphs=run.cudagraphs.report() if run.cudagraphs is not None else None).to_dict()
 
 
 def _plots(run: Run) -> None:

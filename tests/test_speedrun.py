@@ -318,13 +318,17 @@ def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=l
             raise sr._Interrupted(f"interrupted by SIGTERM (seed {seed})")
         reached = target is not None and accuracy(seed) >= target
         train_s = 1e-4 * (1 + seed % 3)
+        # under CUDA graphs: the warm-up compiled a graph that ran without them; the runs nothing
+        graphs = ({"graphs_skipped": int(seed >= 10_000), "reasons": ["mutated inputs"] if seed >= 10_000 else []}
+                  if len(rest) > 3 and rest[3] == "reduce-overhead" else None)
         return summary_from_dict({
             "model": model, "status": "target_reached" if reached else "completed", "final_acc": accuracy(seed),
             "device": "CPU (test)", "versions": {"torch": torch.__version__}, "params": 1, "precision": "fp32",
             "bn_backend": "eager", "compile": False, "world_size": 1, "epochs_completed": 3 if reached else 4,
             "target": target, "target_reached": reached,
             "time_to_target": {"epoch": 3, "train_s": train_s} if reached else None,
-            "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1}})
+            "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1},
+            "cudagraphs": graphs})
 
     monkeypatch.setattr(sr, "_train_once", fake)
 
@@ -350,7 +354,8 @@ def test_failed_run_is_recorded_and_the_others_go_on(tiny, tmp_path, monkeypatch
 
 def test_compile_mode_reaches_every_run_and_the_settings(tiny, tmp_path, monkeypatch):
     """--compile-mode goes to every run's training and into the result's settings (so its
-    leaderboard entries are told apart); without it the settings do not name one, as before."""
+    leaderboard entries are told apart); without it the settings do not name one, as before.
+    Each run records the graphs it ran without CUDA graphs (the warm-up, which compiles them)."""
     import fastcifar.speedrun as sr
 
     modes = []
@@ -364,6 +369,9 @@ def test_compile_mode_reaches_every_run_and_the_settings(tiny, tmp_path, monkeyp
     assert modes[3:] == [None, None] and "compile_mode" not in plain["settings"]
     assert with_graphs["entries"][0]["settings"]["compile_mode"] == "reduce-overhead"
     assert "compile_mode" not in plain["entries"][0]["settings"]
+    assert with_graphs["warmup"]["cudagraphs"] == {"graphs_skipped": 1, "reasons": ["mutated inputs"]}
+    assert [r["cudagraphs"]["graphs_skipped"] for r in with_graphs["runs"]] == [0, 0]
+    assert "cudagraphs" not in plain["warmup"] and "cudagraphs" not in plain["runs"][0]
 
 
 def test_interrupted_speedrun_keeps_finished_runs(tiny, tmp_path, monkeypatch):

@@ -102,6 +102,52 @@ def test_bench_train_unknown_model(tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def _skipping_compile(monkeypatch):
+    """torch.compile whose backend reports a graph it ran without CUDA graphs through inductor's
+    own logging function (as inductor does on a GPU), then runs the graph eagerly."""
+    import torch
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    def backend(gm, example_inputs):
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (arg0_1)")
+        return gm.forward
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real(model, backend=backend))
+    torch._dynamo.reset()
+
+
+def test_benchmarks_report_graphs_run_without_cuda_graphs(tmp_path, monkeypatch, capsys):
+    """Under --compile-mode reduce-overhead each row of bench_train and profile_step says how many
+    graphs ran without CUDA graphs and why (such a row does not measure CUDA graphs), and its
+    printed line says so; under the default mode rows have no such field."""
+    import torch
+
+    bench = _bench_train()
+    data = bench.synthetic_data(tmp_path, n=64)
+    _skipping_compile(monkeypatch)
+    common = ["--device", "cpu", "--models", "speedrun_net", "--backends", "compiled", "--batch-size", "8"]
+    bench.main(common + ["--data", str(data), "--loaders", "gpu", "--warmup-steps", "1", "--steps", "1",
+                         "--wait-steps", "1", "--compile-mode", "reduce-overhead", "--out", str(tmp_path / "b.json")])
+    [row] = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert "error" not in row, row
+    assert row["cudagraphs"] == {"graphs_skipped": 1, "reasons": ["skipping cudagraphs due to cpu device (arg0_1)"]}
+    assert "1 graph(s) without CUDA graphs" in capsys.readouterr().out
+
+    profile = _bench("profile_step")
+    _skipping_compile(monkeypatch)
+    for mode in (["--compile-mode", "reduce-overhead"], []):
+        profile.main(common + ["--warmup", "1", "--steps", "1", "--profile-steps", "1", *mode,
+                               "--out", str(tmp_path / "p.json")])
+        [row] = json.loads((tmp_path / "p.json").read_text())["rows"]
+        if mode:
+            assert row["cudagraphs"]["graphs_skipped"] == 1 and "cpu device" in row["cudagraphs"]["reasons"][0]
+            assert "without CUDA graphs" in capsys.readouterr().out
+        else:
+            assert "cudagraphs" not in row and "without CUDA graphs" not in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
 def test_gpu_suite_rejects_unknown_stage(tmp_path):
     r = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "nonsense"], capture_output=True, text=True,
                        env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})

@@ -100,6 +100,53 @@ def test_compiles_once_over_epochs_evaluations_and_runs(data, tmp_path, monkeypa
     torch._dynamo.reset()
 
 
+def test_a_graph_run_without_cuda_graphs_is_reported(data, tmp_path, monkeypatch, capsys):
+    """Asked for CUDA graphs (reduce-overhead), inductor runs a graph it cannot capture launch by
+    launch, says why on a log line that is off by default, and goes on. The run says so: the
+    reason is printed once, after the epoch that compiled the graph, and the summary counts the
+    graphs and keeps the reason. Here a compiler backend reports the skip through inductor's own
+    logging function, as inductor does on a GPU for e.g. an input mutated in place."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    reason = "skipping cudagraphs due to mutated inputs (1 instances). Found from : File model.py, line 7"
+
+    def skipping_backend(gm, example_inputs):
+        log_cudagraph_skip_and_bump_counter(reason)
+        return gm.forward
+
+    torch._dynamo.reset()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None, **kw: real(model, backend=skipping_backend))
+    s = train(small_config(data, tmp_path / "graphs", compile=True, compile_mode="reduce-overhead",
+                           overrides=dict(epochs=2)))
+    out = capsys.readouterr().out
+    assert s["compile_mode"] == "reduce-overhead"
+    assert s["cudagraphs"] == {"graphs_skipped": 2, "reasons": [reason]}     # train and eval graphs
+    assert out.count("without CUDA graphs") == 1 and reason in out, out
+    assert "CUDA graphs need a GPU" in out                               # the CPU's own note
+    # without a CUDA-graph mode nothing is watched or printed
+    s = train(small_config(data, tmp_path / "plain", compile=True, overrides=dict(epochs=1)))
+    assert s["cudagraphs"] is None and "without CUDA graphs" not in capsys.readouterr().out
+    torch._dynamo.reset()
+
+
+def test_cudagraph_watch_counts_inductors_own_skips():
+    """With the real inductor on the CPU every graph is run without CUDA graphs (inductor counts
+    it and logs no reason there): a watcher created before the compile counts the step's graphs
+    (the forward's skip, which its backward follows), one created after sees none of them."""
+    from fastcifar.step import CudaGraphSkips, watch_cudagraphs
+
+    assert watch_cudagraphs(True, None) is None and watch_cudagraphs(False, "reduce-overhead") is None
+    torch._dynamo.reset()
+    watch = watch_cudagraphs(True, "reduce-overhead")
+    net = torch.compile(torch.nn.Linear(4, 2), mode="reduce-overhead")
+    net(torch.randn(3, 4)).sum().backward()
+    report = watch.report()
+    assert report["graphs_skipped"] >= 1 and report["reasons"] == [], report
+    assert CudaGraphSkips().report()["graphs_skipped"] == 0
+    torch._dynamo.reset()
+
+
 def test_padded_last_batch_gives_the_same_figures(data):
     """Padding the last test batch changes no figure (eval mode: images are independent)."""
     from beton_data import make_loader
