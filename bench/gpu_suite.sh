@@ -33,7 +33,8 @@
 #                       the zoo against its reports: each zoo model's fast recipe (with the given
 #                       recipe overrides), $ZOO_TARGET_RUNS (5) runs, each stopping at its report's
 #                       accuracy less the JPEG penalty of $CALIBRATION (fastcifar speedrun --target
-#                       report)                                           -> zoo_results.tar.gz
+#                       report); without epochs=N, the epochs that fit $ZOO_BUDGET_S (80) s of
+#                       training at the warm-up's speed (--train-budget-s) -> zoo_results.tar.gz
 #   tune                speedrun_net for each setting of TUNE_GRID (default: the epochs of
 #                       EPOCHS_SWEEP), $TUNE_RUNS runs each         -> tune_speedrun_net.tar.gz
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
@@ -87,6 +88,10 @@ BUDGET_S=${BUDGET_S:-540}                        # stop starting new work after 
 SPEEDRUN_RUNS=${SPEEDRUN_RUNS:-3}                # timed runs for speedrun_net (and its baseline); 5 for a record
 ZOO_RUNS=${ZOO_RUNS:-2}                          # timed runs per zoo model (speedrun stage)
 ZOO_TARGET_RUNS=${ZOO_TARGET_RUNS:-5}            # runs per zoo model to its target (zoo stage): >= 4 of 5 must reach it
+# zoo stage: the epochs that fit this much training ("" = the recipe's). The allowance is 120 s a
+# run; 80 s lets 5 runs (plus an evaluation after every epoch, set-up and the warm-up) finish in
+# one call: 5 x ~95 s + ~45 s
+ZOO_BUDGET_S=${ZOO_BUDGET_S-80}
 CALIBRATION=${CALIBRATION:-bench/results/gpu/calibrate_airbench.json}   # airbench94 on this data: the JPEG penalty
 CAL_RUNS=${CAL_RUNS:-5}
 TUNE_RUNS=${TUNE_RUNS:-3}
@@ -311,16 +316,19 @@ stage_zoo() {
   local specs=("$@") files=() spec
   [ ${#specs[@]} -gt 0 ] || specs=($(zoo_models))
   for spec in "${specs[@]}"; do
-    local m=${spec%%:*} sets=() parts kv tag=""
+    local m=${spec%%:*} sets=() parts kv tag="" budget=()
     if [ "$spec" != "$m" ]; then
       IFS=, read -r -a parts <<< "${spec#*:}"
       for kv in "${parts[@]}"; do sets+=(--set "$kv"); done
       tag="_$(printf "%s" "${spec#*:}" | tr -c "A-Za-z0-9.-" "_")"
     fi
+    # epochs given: those; otherwise as many as fit $ZOO_BUDGET_S of training at the warm-up's speed
+    case ",${spec#*:}," in *,epochs=*) ;; *) [ -n "$ZOO_BUDGET_S" ] && budget=(--train-budget-s "$ZOO_BUDGET_S") ;; esac
     local f="$RESULTS/zoo_${m}${tag}_gpu.json"
     # a one-epoch warm-up compiles all the runs need (a whole one would cost ~1-2 minutes)
     step $FC speedrun --model "$m" --no-baseline --runs "$ZOO_TARGET_RUNS" --target report \
-      --calibration "$CALIBRATION" --warmup-epochs 1 "${sets[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
+      --calibration "$CALIBRATION" --warmup-epochs 1 "${budget[@]}" "${sets[@]}" "${MODE[@]}" --data "$DATA" \
+      "${NPZ[@]}" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     # re-packed after every model: a call cut short still brings back every finished run
     local lb=(); [ -d "$RESULTS/leaderboard" ] && lb=(leaderboard)

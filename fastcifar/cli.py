@@ -263,6 +263,11 @@ def speedrun(
         None, "--warmup-epochs", metavar="N",
         help="Epochs of the untimed warm-up run (default: the recipe's). One is enough to compile "
              "everything the timed runs run, and saves most of a run's time on larger models."),
+    train_budget_s: Optional[float] = typer.Option(
+        None, "--train-budget-s", metavar="SECONDS",
+        help="Train the timed runs for as many epochs as fit SECONDS of training (compilation "
+             "excluded) at the speed the warm-up run measured; the result records the choice. "
+             "Instead of --set epochs=N."),
 ):
     """Time a model's fast recipe over several seeds against the airbench94 baseline: accuracy and time, mean ± std, 95% CI, and one-sided Welch tests.
 
@@ -274,7 +279,7 @@ def speedrun(
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
         overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader,
         bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode, target=target,
-        calibration=calibration, warmup_epochs=warmup_epochs)
+        calibration=calibration, warmup_epochs=warmup_epochs, train_budget_s=train_budget_s)
 
 
 @app.command()

@@ -63,10 +63,11 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
              loader: str = "gpu", bn_backend: Optional[str] = None, compile: Optional[bool] = None,
              margin: float = ACCURACY_MARGIN, compile_mode: Optional[str] = None,
              target: Optional[str] = None, calibration: Optional[Path] = None,
-             warmup_epochs: Optional[int] = None) -> dict:
+             warmup_epochs: Optional[int] = None, train_budget_s: Optional[float] = None) -> dict:
     """Run the speedrun; returns the result written to ``out``. With ``target`` (see
     `resolve_target`) every run stops as soon as its test accuracy reaches it, and the result
-    records, per run, whether and when it did."""
+    records, per run, whether and when it did. With ``train_budget_s`` the timed runs train
+    for as many epochs as fit that much training at the warm-up's speed (`budget_epochs`)."""
     from fastcifar.baseline import import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
 
@@ -75,6 +76,11 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         raise UserError(f"--runs must be at least 1, got {runs}")
     if warmup_epochs is not None and warmup_epochs < 1:
         raise UserError(f"--warmup-epochs must be at least 1, got {warmup_epochs}")
+    if train_budget_s is not None:
+        if not train_budget_s > 0:
+            raise UserError(f"--train-budget-s must be a positive number of seconds, got {train_budget_s:g}")
+        if "epochs" in (overrides or {}):
+            raise UserError("--train-budget-s chooses the epochs of the timed runs; drop --set epochs=...")
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
     check_compile_mode(compile_mode)
@@ -166,6 +172,14 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         say(f"  warm-up run ({warm['epochs_trained']} epoch{'s' if warm['epochs_trained'] != 1 else ''}): "
             f"{100 * warm['accuracy']:.2f}% in {time.perf_counter() - t0:.1f} s wall "
             f"(compile/warm-up {warm['compile_warmup_s']:.1f} s; untimed)")
+        if train_budget_s is not None:
+            budget = budget_epochs(summary, train_budget_s)
+            result["budget"] = budget
+            overrides = {**(overrides or {}), "epochs": budget["epochs"]}
+            recipe = recipe.replace(epochs=budget["epochs"])
+            result["overrides"], result["recipe_fields"] = dict(overrides), recipe.to_dict()
+            say(f"  epochs: {budget['epochs']}, to fill the {train_budget_s:g} s training budget at the "
+                f"warm-up's {budget['epoch_train_s']:.2f} s of training an epoch")
         result.update(warmup=warm, device=summary.device, versions=summary.versions,
                       machine=machine_info(device), params=summary.params, precision=summary.precision,
                       bn_backend=summary.bn_backend, compile=summary.compile,
@@ -377,6 +391,25 @@ def _check_model_options(model: str, options: dict) -> None:
         create_model(model, **options)
     except TypeError as e:
         raise UserError(f"bad --model-opt for {model}: {e}") from None
+
+
+def budget_epochs(warmup: RunSummary, budget_s: float) -> dict:
+    """How many epochs fit ``budget_s`` seconds of training, at the speed of the warm-up run
+    ``warmup`` (whole epochs, compilation excluded): ``{"train_budget_s", "epoch_train_s",
+    "init_s", "epochs"}``, at least one epoch.
+
+    Why: the zoo's check against the reports allows each run a fixed amount of training (120 s
+    on the H100); its epochs are best chosen from the model's speed on the machine at hand, which
+    its warm-up has just measured, rather than guessed before. A run's training is its
+    data-dependent initialisation (once) plus its steps; the warm-up's steps after its first
+    few (which compile) give the time of a step."""
+    t, epochs = warmup.times, warmup.epochs_completed
+    if not epochs:
+        raise UserError("the warm-up run trained no whole epoch, so it cannot say how many fit "
+                        "--train-budget-s")
+    epoch_s = (t["train_s"] - t["init_s"]) / epochs     # its steps at the steady speed
+    fit = int((budget_s - t["init_s"]) // epoch_s) if epoch_s > 0 else 1
+    return {"train_budget_s": budget_s, "epoch_train_s": epoch_s, "init_s": t["init_s"], "epochs": max(fit, 1)}
 
 
 def _train_once(model, overrides, model_options, data, run_dir, device, seed, loader, bn_backend,

@@ -327,7 +327,7 @@ def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=l
             "bn_backend": "eager", "compile": False, "world_size": 1, "epochs_completed": 3 if reached else 4,
             "target": target, "target_reached": reached,
             "time_to_target": {"epoch": 3, "train_s": train_s} if reached else None,
-            "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1},
+            "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1, "init_s": 0.0},
             "cudagraphs": graphs})
 
     monkeypatch.setattr(sr, "_train_once", fake)
@@ -490,9 +490,10 @@ def test_cli_passes_model_options_and_overrides(monkeypatch):
     monkeypatch.setattr(sr, "speedrun", lambda **kw: got.update(kw))
     r = CliRunner().invoke(app, ["speedrun", "--no-baseline", "--runs", "1", "--device", "cpu",
                                  "--model-opt", "stem=whiten", "--model-opt", "widths=[8,16,16,16]",
-                                 "--set", "alternate_flip=true", "--compile-mode", "reduce-overhead"])
+                                 "--set", "alternate_flip=true", "--compile-mode", "reduce-overhead",
+                                 "--train-budget-s", "80"])
     assert r.exit_code == 0, r.output
-    assert got["compile_mode"] == "reduce-overhead"
+    assert got["compile_mode"] == "reduce-overhead" and got["train_budget_s"] == 80.0
     assert got["model_options"] == {"stem": "whiten", "widths": [8, 16, 16, 16]}
     assert got["overrides"] == {"alternate_flip": "true"}
 
@@ -608,3 +609,46 @@ def test_warmup_epochs_shorten_the_warmup_only(tiny, tmp_path, capsys):
     assert result["runs"][0]["train_s"] > 0 and "error" not in result["runs"][0]
     with pytest.raises(UserError, match="--warmup-epochs must be at least 1"):
         speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu", warmup_epochs=0)
+
+
+def test_budget_epochs_fill_the_training_budget_at_the_warmups_speed():
+    """5 s of training an epoch in the warm-up (10.5 s for 2 epochs, 0.5 s of it the data-dependent
+    initialisation, which a run does once): 19 epochs fit 100 s (0.5 + 19 x 5 = 95.5), 20 would
+    not; a budget below one epoch still trains one."""
+    from fastcifar.speedrun import budget_epochs
+
+    warm = summary_from_dict({"steps": 194, "epochs_completed": 2,
+                              "times": {"train_s": 10.5, "init_s": 0.5, "compile_warmup_s": 30.0}})
+    assert budget_epochs(warm, 100.0) == {"train_budget_s": 100.0, "epoch_train_s": 5.0, "init_s": 0.5,
+                                          "epochs": 19}
+    assert budget_epochs(warm, 105.5)["epochs"] == 21 and budget_epochs(warm, 3.0)["epochs"] == 1
+    with pytest.raises(UserError, match="no whole epoch"):
+        budget_epochs(summary_from_dict({"steps": 3, "epochs_completed": 0, "times": warm.times}), 100.0)
+
+
+def test_train_budget_sets_the_timed_runs_epochs(tiny, tmp_path, monkeypatch, capsys):
+    """--train-budget-s: the warm-up measures, the timed runs train the epochs that fit, and the
+    result (recipe, overrides, settings of its leaderboard entry) says so; the budget cannot be
+    combined with --set epochs, and must be positive."""
+    import fastcifar.speedrun as sr
+
+    given = []
+    _fake_train(monkeypatch, tmp_path / "r.json")
+    fake = sr._train_once
+    monkeypatch.setattr(sr, "_train_once", lambda *a: given.append(dict(a[1])) or fake(*a))
+    # the canned warm-up (seed 10000) trains 4 epochs in 2e-4 s: 5e-5 s an epoch
+    result = speedrun(runs=2, baseline=False, data=tiny / "data", out=tmp_path / "r.json", device="cpu",
+                      overrides={"batch_size": "32"}, train_budget_s=0.0011)
+    budget = result["budget"]
+    assert budget["epoch_train_s"] == pytest.approx(5e-5) and budget["epochs"] == int(0.0011 // budget["epoch_train_s"])
+    assert given[0] == {"batch_size": "32"}                                     # the warm-up: the recipe's
+    assert given[1:] == [{"batch_size": "32", "epochs": budget["epochs"]}] * 2   # the timed runs
+    assert result["recipe_fields"]["epochs"] == budget["epochs"] == result["overrides"]["epochs"]
+    assert result["settings"]["epochs"] == result["entries"][0]["settings"]["epochs"] == budget["epochs"]
+    assert f"epochs: {budget['epochs']}, to fill the 0.0011 s training budget" in capsys.readouterr().out
+    with pytest.raises(UserError, match="drop --set epochs"):
+        speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu",
+                 overrides={"epochs": "3"}, train_budget_s=60)
+    with pytest.raises(UserError, match="positive number of seconds"):
+        speedrun(runs=1, baseline=False, data=tiny / "data", out=tmp_path / "q.json", device="cpu", train_budget_s=0)
+    assert not (tmp_path / "q.json").exists()

@@ -543,8 +543,8 @@ def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
 def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
     """The zoo stage: per MODEL[:FIELD=VALUE,...] one `fastcifar speedrun --no-baseline --target
     report --calibration FILE` with the overrides as --set, $ZOO_TARGET_RUNS runs, one result
-    file per spec, all packed into zoo_results.tar.gz. Python is a stub that records its
-    arguments."""
+    file per spec, all packed into zoo_results.tar.gz; a spec without epochs trains the epochs
+    that fit $ZOO_BUDGET_S of training. Python is a stub that records its arguments."""
     import tarfile
 
     r, calls, out = _suite_with_stub_python(tmp_path, "zoo", "resnet_2111:epochs=40,lr=0.1", "resnet_6543",
@@ -556,6 +556,7 @@ def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
         assert call.startswith(f"-m fastcifar.cli speedrun --model {model} --no-baseline --runs 4 "
                                "--target report --calibration cal.json --warmup-epochs 1"), call
     assert "--set epochs=40 --set lr=0.1" in tuned and "--set" not in plain
+    assert "--train-budget-s" not in tuned and "--train-budget-s 80 " in plain
     assert tuned.endswith(f"--out {tmp_path}/res/zoo_resnet_2111_epochs_40_lr_0.1_gpu.json")
     assert plain.endswith(f"--out {tmp_path}/res/zoo_resnet_6543_gpu.json")
     with tarfile.open(out / "zoo_results.tar.gz") as tar:
