@@ -6,9 +6,10 @@
 # The three calls, most valuable figures first; each starts with `preflight` (which converts
 # the data on the fresh machine) and writes its results into $OUT as it goes:
 #   call1   GPU tests (kernels incl. production shapes, compile, models), bench_bn_relu for the
-#           shapes of speedrun_net and resnet_2111, one resnet_2111 train step per BN backend
+#           shapes of speedrun_net and resnet_2111 (per shape; the train step per backend is the
+#           overhead stage's), then the loaders
 #                                     -> preflight.json, pytest_gpu.xml, kernel_errors_gpu.json,
-#                                        bench_bn_relu.json
+#                                        bench_bn_relu.json, bench_loaders.json
 #   call2   fastcifar speedrun --model speedrun_net with airbench94 ($SPEEDRUN_RUNS: 3 on a first
 #           visit, 5 once call 2 is known to fit)   -> preflight.json, speedrun_speedrun_net.json,
 #                                                       leaderboard/ (2 entries)
@@ -263,17 +264,17 @@ EOF
   rm -rf "$tmp"
 }
 
-bn_relu() {  # [--models a,b]: kernel speed per shape, then one train step per BN backend
-  # stop starting shapes early enough that the two compiled resnet_2111 train steps after them
-  # (~4 minutes with compilation, an estimate) still fit
-  local shape_s=$(( $(left) - 240 )); [ "$shape_s" -ge 30 ] || shape_s=30
+bn_relu() {  # RESERVE_S [--models a,b] [--skip-train-step]: kernel speed per shape, then one
+  # train step per BN backend. Shapes stop starting RESERVE_S before the budget ends: 240 leaves
+  # the two compiled resnet_2111 train steps after them (~4 minutes with compilation) room
+  local shape_s=$(( $(left) - $1 )); shift; [ "$shape_s" -ge 30 ] || shape_s=30
   local name=bench_bn_relu; [ "$BN_ACT" = relu ] || name=bench_bn_relu_$BN_ACT
   step $PY bench/bench_bn_relu.py --act "$BN_ACT" --shape-time-limit "$shape_s" "$@" --out "$OUT/$name.json"
 }
 
 stage_tests() { gpu_tests "$(left)"; }
 
-stage_kernels() { gpu_tests 240; bn_relu; }
+stage_kernels() { gpu_tests 240; bn_relu 240; }
 
 stage_loaders() {
   step $PY bench/bench_loaders.py --device cuda --beton "$DATA/train.beton" --budget-s $(( $(left) - 60 )) \
@@ -383,7 +384,10 @@ stage_overhead() {
 # --- the three calls --------------------------------------------------------------------------
 stage_call1() {
   gpu_tests 240
-  bn_relu --models "$(echo $HEADLINE | tr ' ' ',')"
+  # the per-shape kernel table only: the overhead stage times the whole train step per backend
+  # (profile_step, in both compile modes), so the rest of the call measures the loaders
+  bn_relu 150 --models "$(echo $HEADLINE | tr ' ' ',')" --skip-train-step
+  stage_loaders
 }
 
 stage_call2() {

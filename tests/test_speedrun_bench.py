@@ -540,6 +540,21 @@ def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
             "profile_traces_reduce-overhead.tar.gz", "speedrun_speedrun_net_reduce-overhead.json"} <= set(made)
 
 
+def test_gpu_suite_call1_runs_tests_kernel_table_and_loaders(tmp_path):
+    """Call 1: the GPU tests in TEST_SHARDS processes, bench_bn_relu's per-shape table for the
+    headline models without its train steps (the overhead stage times those), then the loaders.
+    Python is a stub that records its arguments."""
+    r, calls, out = _suite_with_stub_python(tmp_path, "call1", TEST_SHARDS="2")
+    tests = [c for c in calls if c.startswith("-m pytest")]
+    rest = [c for c in calls if c.startswith("bench/")]     # the merge of the shards' junit files apart
+    assert sorted(c.split("--shard ")[1].split()[0] for c in tests) == ["0/2", "1/2"], calls
+    assert len(rest) == 2, rest
+    kernels, loaders = rest
+    assert kernels.startswith("bench/bench_bn_relu.py") and "--models speedrun_net,resnet_2111" in kernels
+    assert "--skip-train-step" in kernels and kernels.endswith(f"--out {out}/bench_bn_relu.json")
+    assert loaders.startswith("bench/bench_loaders.py --device cuda") and loaders.endswith(f"--out {out}/bench_loaders.json")
+
+
 def test_gpu_suite_zoo_stage_runs_each_model_to_its_target(tmp_path):
     """The zoo stage: per MODEL[:FIELD=VALUE,...] one `fastcifar speedrun --no-baseline --target
     report --calibration FILE` with the overrides as --set, $ZOO_TARGET_RUNS runs, one result
