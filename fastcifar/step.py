@@ -171,6 +171,8 @@ class TrainStep:
         optimizer.zero_grad(set_to_none=True)
         loss, logits = self._forward_backward(images, labels)
         if self.perturb is not None:   # gradient at the adversarially perturbed weights (optim.py)
+            # copies: under CUDA graphs the next forward writes its outputs where these are
+            loss, logits = loss.detach().clone(), logits.detach().clone()
             def regrad():
                 optimizer.zero_grad(set_to_none=True)
                 self._forward_backward(images, labels)

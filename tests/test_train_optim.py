@@ -544,3 +544,48 @@ def test_the_compiled_step_computes_the_loss_inside_its_graph():
     eager_loss = [n for n in names if any(k in n.lower() for k in ("cross_entropy", "nll_loss", "nllloss",
                                                                    "log_softmax", "logsoftmax"))]
     assert not eager_loss, eager_loss
+
+
+def test_perturbed_step_returns_the_unperturbed_forwards_outputs_under_output_reuse():
+    """Under CUDA graphs (compile mode reduce-overhead) a compiled net's next call writes its
+    outputs into the memory of the previous call's. With adversarial model perturbation a step
+    runs the net twice (at w, then at w + delta), and must still return the loss and logits of
+    the first call. Here a net that reuses its output buffers the same way stands in for the
+    CUDA graph."""
+    from fastcifar.step import TrainStep
+
+    class IntoBuffer(torch.autograd.Function):
+        """Returns ``buffer`` itself, holding x's values; gradients pass through to x."""
+        @staticmethod
+        def forward(ctx, x, buffer):
+            ctx.mark_dirty(buffer)
+            return buffer.copy_(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    class ReusingNet(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.out = model, None
+
+        def forward(self, images, labels):
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels)
+            if self.out is None:
+                self.out = (torch.empty_like(loss), torch.empty_like(logits))
+            for buffer in self.out:
+                buffer.detach_()   # the same memory, without the previous call's history
+            return IntoBuffer.apply(loss, self.out[0]), IntoBuffer.apply(logits, self.out[1])
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    recipe = Recipe(optimizer="sgd", lr=0.1, momentum=0.0, epochs=1, amp_epsilon=0.5, amp_inner_lr=0.5)
+    x, y = torch.randn(6, 3, 2, 2), torch.randint(0, 3, (6,))
+    want_logits = model(x).detach()
+    want_loss = F.cross_entropy(want_logits, y)
+    step = TrainStep(ReusingNet(model), model, recipe, "fp32", "cpu", steps_per_epoch=1, total_steps=1)
+    loss, logits = step(x, y, 0)
+    torch.testing.assert_close(logits, want_logits)
+    torch.testing.assert_close(loss, want_loss)
