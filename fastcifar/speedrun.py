@@ -186,8 +186,9 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                       settings=settings_of(recipe.to_dict(), model_options, precision=summary.precision,
                                            world_size=summary.world_size, bn_backend=summary.bn_backend,
                                            loader=loader, compile=summary.compile,
-                                           # only when given: older entries' settings hashes stay
-                                           **({"compile_mode": compile_mode} if compile_mode else {}),
+                                           # the mode the runs compiled in (as train resolved
+                                           # it), only when there is one: older entries' hashes stay
+                                           **({"compile_mode": summary.compile_mode} if summary.compile_mode else {}),
                                            **({"target": round(goal["value"], 6)} if goal else {})))
         rec.save()
 

@@ -328,7 +328,7 @@ def _fake_train(monkeypatch, out, fail_seeds=(), interrupt_seed=None, accuracy=l
             "target": target, "target_reached": reached,
             "time_to_target": {"epoch": 3, "train_s": train_s} if reached else None,
             "times": {"train_s": train_s, "eval_s": 1e-5, "compile_warmup_s": 0.0, "wall_s": 0.1, "init_s": 0.0},
-            "cudagraphs": graphs})
+            "cudagraphs": graphs, "compile_mode": rest[3] if len(rest) > 3 else None})
 
     monkeypatch.setattr(sr, "_train_once", fake)
 
