@@ -100,6 +100,26 @@ def _model_label(row: dict) -> str:
     return f"{row['model']} ({opts})" if opts else row["model"]
 
 
+def _mode(d: dict) -> str:
+    """The caption's note of a torch.compile mode other than the default (bench_train, profile_step)."""
+    mode = (d.get("settings") or {}).get("compile_mode")
+    return f"; torch.compile mode {mode}" if mode else ""
+
+
+SKIPPED = " †"   # marks a row whose compile mode asked for CUDA graphs and got none for some graph
+
+
+def _skipped(r: dict) -> str:
+    return SKIPPED if (r.get("cudagraphs") or {}).get("graphs_skipped") else ""
+
+
+def _skipped_note(rows: list[dict]) -> list[str]:
+    if not any(_skipped(r) for r in rows):
+        return []
+    return ["", f"{SKIPPED.strip()} torch.compile ran some of this row's graphs without CUDA graphs, launch by "
+                f"launch (its `cudagraphs` field gives inductor's reasons): not a CUDA-graph figure."]
+
+
 def _rate(x: float) -> str:
     return f"{x:.0f}" if x >= 10 else f"{x:.2f}"
 
@@ -137,6 +157,7 @@ def train_section(f: Path, d: dict, matmul: dict[str, float]) -> list[str]:
     precision = "fp32" if _device(d).startswith("CPU") else "fp16 autocast"
     out = [_title("Training throughput", d), "",
            f"`{_rel(f)}` ({_versions(d)}); each model's fast-recipe batch size, channels-last, {precision}"
+           + _mode(d)
            + (f"; TFLOP/s with its share of the {_rate(peak)} TFLOP/s matrix-product rate measured on this "
               f"device" if peak else ""), ""]
     rows = []
@@ -149,11 +170,11 @@ def train_section(f: Path, d: dict, matmul: dict[str, float]) -> list[str]:
         rows.append(head + [
             f"{r['images_per_s']:,.0f}",
             "-" if tf is None else f"{tf:.1f}" + (f" ({100 * tf / peak:.0f}%)" if peak else ""),
-            f"{100 * r['data_wait_share']:.1f}%", f"{r['step_ms']:.2f}",
+            f"{100 * r['data_wait_share']:.1f}%", f"{r['step_ms']:.2f}{_skipped(r)}",
             "-" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:,.0f}",
             f"{r['compile_warmup_s']:.1f}", str(r["batch_size"])])
     out += _table(["model", "BN backend", "loader", "images/s", "TFLOP/s", "data wait", "step ms",
-                   "peak MiB", "warm-up s", "batch"], rows)
+                   "peak MiB", "warm-up s", "batch"], rows) + _skipped_note(d["rows"])
     if d.get("running"):
         r = d["running"]
         out += ["", f"**Stopped inside** {r['model']} / {r['bn_backend']} ({r['started_s']} s into the run)."]
@@ -171,8 +192,8 @@ def loaders_section(f: Path, d: dict) -> list[str]:
 
 def profile_section(f: Path, d: dict) -> list[str]:
     out = [_title("Where a training step's time goes", d), "",
-           f"`{_rel(f)}` ({_versions(d)}); device ms per step (CUDA events), kernel launches and time per step "
-           f"(torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
+           f"`{_rel(f)}` ({_versions(d)}){_mode(d)}; device ms per step (CUDA events), kernel launches and "
+           f"time per step (torch.profiler), the share of the step with no kernel running, and the kernel groups", ""]
     rows = []
     for r in d["rows"]:
         head = [_model_label(r), r["bn_backend"]]
@@ -182,10 +203,10 @@ def profile_section(f: Path, d: dict) -> list[str]:
         idle = "-" if r.get("device_idle_share") is None else f"{100 * r['device_idle_share']:.0f}%"
         groups = ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['launches_per_step']:.0f})"
                            for k, v in r["by_category"].items())
-        rows.append(head + [f"{r['step_ms']:.2f}", f"{r['kernels_per_step']:.0f}", f"{r['kernel_ms_per_step']:.2f}",
-                            idle, groups])
+        rows.append(head + [f"{r['step_ms']:.2f}{_skipped(r)}", f"{r['kernels_per_step']:.0f}",
+                            f"{r['kernel_ms_per_step']:.2f}", idle, groups])
     return out + _table(["model", "BN backend", "step ms", "launches", "kernel ms", "idle",
-                         "groups: ms per step (launches)"], rows)
+                         "groups: ms per step (launches)"], rows) + _skipped_note(d["rows"])
 
 
 def report(paths: list[Path], include_dry_run: bool = False) -> str:

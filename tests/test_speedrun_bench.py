@@ -119,8 +119,9 @@ def _skipping_compile(monkeypatch):
 
 def test_benchmarks_report_graphs_run_without_cuda_graphs(tmp_path, monkeypatch, capsys):
     """Under --compile-mode reduce-overhead each row of bench_train and profile_step says how many
-    graphs ran without CUDA graphs and why (such a row does not measure CUDA graphs), and its
-    printed line says so; under the default mode rows have no such field."""
+    graphs ran without CUDA graphs and why (such a row does not measure CUDA graphs), its
+    printed line says so, and bench/report.py names the mode and marks the row; under the
+    default mode rows have no such field."""
     import torch
 
     bench = _bench_train()
@@ -133,6 +134,9 @@ def test_benchmarks_report_graphs_run_without_cuda_graphs(tmp_path, monkeypatch,
     assert "error" not in row, row
     assert row["cudagraphs"] == {"graphs_skipped": 1, "reasons": ["skipping cudagraphs due to cpu device (arg0_1)"]}
     assert "1 graph(s) without CUDA graphs" in capsys.readouterr().out
+    text = _bench("report").report([tmp_path / "b.json"])
+    assert "torch.compile mode reduce-overhead" in text and f"| {row['step_ms']:.2f} † |" in text
+    assert "† torch.compile ran some of this row's graphs without CUDA graphs" in text
 
     profile = _bench("profile_step")
     _skipping_compile(monkeypatch)
@@ -140,11 +144,14 @@ def test_benchmarks_report_graphs_run_without_cuda_graphs(tmp_path, monkeypatch,
         profile.main(common + ["--warmup", "1", "--steps", "1", "--profile-steps", "1", *mode,
                                "--out", str(tmp_path / "p.json")])
         [row] = json.loads((tmp_path / "p.json").read_text())["rows"]
+        text = _bench("report").report([tmp_path / "p.json"])
         if mode:
             assert row["cudagraphs"]["graphs_skipped"] == 1 and "cpu device" in row["cudagraphs"]["reasons"][0]
             assert "without CUDA graphs" in capsys.readouterr().out
+            assert "torch.compile mode reduce-overhead" in text and f"| {row['step_ms']:.2f} † |" in text
         else:
             assert "cudagraphs" not in row and "without CUDA graphs" not in capsys.readouterr().out
+            assert "torch.compile mode" not in text and "†" not in text
     torch._dynamo.reset()
 
 
