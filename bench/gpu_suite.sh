@@ -61,6 +61,8 @@
 #                                  15-38 s each); now TEST_SHARDS=8 and 240 s
 #   call1 bench_bn_relu  16 shapes in 88 s, then two resnet_2111 train steps with compilation in
 #                                  ~2.5 min (compile 24-33 s each); call 1 took 407 s in all
+#                                  (call 1 now skips those train steps and measures the loaders,
+#                                  whose time on the node is not known yet)
 #   call2 speedrun       124 s for 3 seeds (warm-up 43 s wall, compile 25 s; runs 4.2-4.4 s;
 #                                  airbench94 runs 2.6-3.0 s); 109 s for 5 seeds with a warm cache
 #   call3                230 s: bench_train's 8 units 117 s, resnet_2111 fast recipe 55 s wall
