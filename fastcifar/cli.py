@@ -271,7 +271,7 @@ def speedrun(
 ):
     """Time a model's fast recipe over several seeds against the airbench94 baseline: accuracy and time, mean ± std, 95% CI, and one-sided Welch tests.
 
-    Training time excludes compilation (one untimed warm-up run comes first) and includes the final test-time-augmented evaluation, for both. The result file and the leaderboard entries are rewritten after every run; a failed run is recorded and the others go on. If airbench cannot be imported, the model's runs are still recorded and the command ends with an error saying the baseline is missing.
+    Training time excludes compilation (one untimed warm-up run of each comes first) and includes the final test-time-augmented evaluation, for both. The timed runs go in pairs, one seed each, the model's and the baseline's back to back in alternating order, so that a drift of the machine reaches both alike. The result file and the leaderboard entries are rewritten after every run; a failed run is recorded and the others go on. If airbench cannot be imported, the model's runs are still recorded and the command ends with an error saying the baseline is missing.
     """
     from fastcifar.speedrun import speedrun as run
 

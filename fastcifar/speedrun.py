@@ -1,13 +1,18 @@
 """`fastcifar speedrun`: time a model's `fast` recipe over several seeds against the airbench94
 baseline, on the same data and device, in one invocation.
 
-    1. one untimed warm-up run (torch.compile, cuDNN autotuning, lazy CUDA initialisation);
-    2. N timed runs of the model's fast recipe, seeds seed..seed+N-1;
-    3. the baseline: one untimed warm-up, then N timed runs of airbench's train94 on the same
-       images (see baseline.py);
-    4. for both, mean ± std and the 95% confidence interval of accuracy and time; the ratio of
-       their mean times; and the one-sided Welch tests of `fastcifar.results` (accuracy not
-       lower by the margin or more, time lower), which decide whether it is a record.
+    1. one untimed warm-up run of the model (torch.compile, cuDNN autotuning, lazy CUDA
+       initialisation), then one of the baseline, airbench's train94 on the same images (see
+       baseline.py);
+    2. N timed pairs, seeds seed..seed+N-1: the model's fast recipe and train94 back to back,
+       in alternating order (model first in the 1st, 3rd, ... pair, train94 first in the
+       others). Interleaving keeps a slow drift of the machine (clocks, temperature, a
+       neighbour's load) out of the comparison, which two blocks of runs one after the other
+       would fold into it, and a speedrun cut short by a time limit still leaves pairs;
+    3. for both, mean ± std and the 95% confidence interval of accuracy and time; the ratio of
+       their mean times, and per pair (median and range); and the one-sided Welch tests of
+       `fastcifar.results` (accuracy not lower by the margin or more, time lower), which decide
+       whether it is a record.
 
 With `--target` (and no baseline) each run instead stops as soon as its test accuracy reaches
 the target, evaluating after every epoch: the zoo models' check against their reports
@@ -24,12 +29,14 @@ Nothing measured is lost: the result file (default bench/results/speedrun_<model
 the latest invocation for that model and device) and the two leaderboard entries beside it
 (ours and the baseline's, which accumulate over invocations) are rewritten atomically after
 every run. A run that fails is recorded with its error and the others go on; a signal
-(Ctrl-C, SIGTERM from a time limit) stops the speedrun with every finished run on disk. If
+(Ctrl-C, SIGTERM from a time limit), in a run of either, stops the speedrun with every
+finished run on disk. If
 airbench cannot be imported, the model's runs are still timed and recorded, and the command
 ends by saying the baseline is missing.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -126,7 +133,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         result["baseline_error"] = f"missing: {baseline_missing}"
     rec = _Recorder(result, out)
 
-    with tempfile.TemporaryDirectory(prefix="fastcifar-speedrun-") as work:
+    with tempfile.TemporaryDirectory(prefix="fastcifar-speedrun-") as work, contextlib.ExitStack() as stack:
         work = Path(work)
         npz_beton = _npz_as_beton(original_npz, work) if original_npz is not None else None
 
@@ -192,25 +199,44 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                                            **({"target": round(goal["value"], 6)} if goal else {})))
         rec.save()
 
-        for i, s in enumerate(result["seeds"]):
+        # the baseline's set-up and warm-up now, so that its timed runs can alternate with ours
+        base = None
+        if baseline and not baseline_missing:
             try:
-                r, _ = one_run(s, f"run{i}")
-                say(_run_line(model, i, runs, r))
+                base = _start_baseline(stack, data, device, original_npz, result, say)
             except _Interrupted as e:
-                result["runs"].append({"seed": s, "error": str(e)})
+                result["baseline_error"] = f"warm-up: {e}"
                 rec.finish("interrupted", say)
-                raise UserError(f"speedrun stopped: {e}; the {rec.ok_runs()} finished run(s) are in {out}") from None
-            except Exception as e:  # this seed is lost, the others still run
-                r = {"seed": s, "error": _error(e)}
-                say(f"  {model} run {i + 1}/{runs} (seed {s}) FAILED: {r['error']}")
-            result["runs"].append(r)
-            rec.save()
+                raise UserError(f"speedrun stopped: {e}; nothing was timed; see {out}") from None
+        order = iter(range(2 * runs))    # each timed run's place in the sequence, both sides
 
-        if baseline and not baseline_missing and rec.ok_runs():
-            try:
-                _run_baseline(data, device, result, original_npz, rec, say)
-            except Exception as e:  # keep our figures; say what failed
-                result["baseline_error"] = _error(e)
+        for i, s in enumerate(result["seeds"]):
+            sides = ("model", "baseline") if i % 2 == 0 else ("baseline", "model")
+            for side in sides:
+                if side == "baseline" and base is None:
+                    continue
+                try:
+                    if side == "model":
+                        r, _ = one_run(s, f"run{i}")
+                        say(_run_line(model, i, runs, r))
+                    else:
+                        with _signals_interrupt(f"seed {s} of {ab_name()}"):
+                            r = base.run(s)
+                        say(_run_line(ab_name(), i, runs, r))
+                except _Interrupted as e:
+                    _add_run(result, side, {"seed": s, "error": str(e)})
+                    rec.finish("interrupted", say)
+                    theirs = (f" and {sum('error' not in r for r in result['baseline']['runs'])} of {ab_name()}"
+                              if result["baseline"] else "")
+                    raise UserError(f"speedrun stopped: {e}; the {rec.ok_runs()} finished run(s){theirs} "
+                                    f"are in {out}") from None
+                except Exception as e:  # this seed is lost on this side, the rest still run
+                    r = {"seed": s, "error": _error(e)}
+                    say(f"  {model if side == 'model' else ab_name()} run {i + 1}/{runs} (seed {s}) "
+                        f"FAILED: {r['error']}")
+                r["order"] = next(order)
+                _add_run(result, side, r)
+                rec.save()
     rec.finish("completed", say)
     problems = []
     failed = [r for r in result["runs"] if "error" in r]
@@ -220,34 +246,79 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
         problems.append(f"the baseline is missing ({baseline_missing})")
     elif result.get("baseline_error"):
         problems.append(f"the baseline failed ({result['baseline_error']})")
+    elif result["baseline"]:
+        failed = [r for r in result["baseline"]["runs"] if "error" in r]
+        if failed:
+            problems.append(f"{len(failed)} of {runs} {ab_name()} runs failed "
+                            f"(seed {failed[0]['seed']}: {failed[0]['error']})")
     if problems:
         kept = "the model's own results were" if rec.ok_runs() else "the errors were"
         raise UserError(f"{'; '.join(problems)}; {kept} written to {out}")
     return result
 
 
-def _run_baseline(data: Path, device: str, result: dict, original_npz, rec: "_Recorder", say) -> None:
-    """airbench94's warm-up and timed runs; ``result['baseline']`` appears with its first run
-    and the files are rewritten after each."""
+def ab_name() -> str:
     from fastcifar import baseline as ab
 
-    seeds = result["seeds"]
+    return ab.NAME
+
+
+def _start_baseline(stack: contextlib.ExitStack, data: Path, device: str, original_npz, result: dict, say):
+    """airbench94's data files and untimed warm-up run; the baseline, or None (with
+    ``result['baseline_error']``) when either fails: the model's runs then go on alone."""
+    from fastcifar import baseline as ab
+
     say(f"baseline: {ab.NAME} (airbench=={ab.VERSION}, published {100 * ab.PUBLISHED_ACC:.2f}% "
-        f"on the original CIFAR-10), 1 warm-up + {len(seeds)} timed runs on the same data")
+        f"on the original CIFAR-10), 1 warm-up, then its timed runs alternate with {result['model']}'s")
+    try:
+        with _signals_interrupt(f"the warm-up of {ab.NAME}"):
+            base = stack.enter_context(ab.AirbenchBaseline(data, device, original_npz))
+            base.warmup()
+    except _Interrupted:
+        raise
+    except Exception as e:  # keep our figures; say what failed
+        result["baseline_error"] = _error(e)
+        say(f"baseline: FAILED before its first timed run ({result['baseline_error']}); "
+            f"{result['model']}'s runs go on without it")
+        return None
+    return base
 
-    def on_run(r):
-        if result["baseline"] is None:
-            result["baseline"] = {"name": ab.NAME, "package": f"airbench=={ab.VERSION}",
-                                  "published_acc": ab.PUBLISHED_ACC, "runs": []}
-        runs = result["baseline"]["runs"]
-        runs.append(r)
-        if "error" in r:
-            say(f"  {ab.NAME} run {len(runs)}/{len(seeds)} (seed {r['seed']}) FAILED: {r['error']}")
-        else:
-            say(_run_line(ab.NAME, len(runs) - 1, len(seeds), r))
-        rec.save()
 
-    ab.run_baseline(data, device, seeds, original_npz, on_run=on_run)
+def _add_run(result: dict, side: str, r: dict) -> None:
+    """A finished (or failed) timed run into the result: ours, or the baseline's (whose entry
+    appears with its first run)."""
+    from fastcifar import baseline as ab
+
+    if side == "model":
+        result["runs"].append(r)
+        return
+    if result["baseline"] is None:
+        result["baseline"] = {"name": ab.NAME, "package": f"airbench=={ab.VERSION}",
+                              "published_acc": ab.PUBLISHED_ACC, "runs": []}
+    result["baseline"]["runs"].append(r)
+
+
+@contextlib.contextmanager
+def _signals_interrupt(what: str):
+    """Ctrl-C or SIGTERM inside the block raise `_Interrupted` (naming ``what``), as they stop a
+    run of ours (train.py handles them there): the speedrun then ends with its file marked
+    interrupted instead of dying mid-write. Outside the main thread (no handlers) a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(f"interrupted by {signal.Signals(signum).name} ({what})")
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
 
 
 class _Recorder:
@@ -284,6 +355,7 @@ class _Recorder:
                 res["comparison"] = compare([r["accuracy"] for r in ours], [r["time_s"] for r in ours],
                                             [r["accuracy"] for r in theirs], [r["time_s"] for r in theirs],
                                             res["accuracy_margin"])
+                res["paired_time_ratio"] = paired_ratio(ours, theirs)
         res["entries"] = _entries(res)
         write_result(self.out, res)
         for entry in res["entries"]:
@@ -459,6 +531,16 @@ def _ok(runs: list[dict]) -> list[dict]:
     return [r for r in runs if "error" not in r]
 
 
+def paired_ratio(ours: list[dict], theirs: list[dict]) -> Optional[dict]:
+    """The baseline's time over ours, per seed that finished on both sides (the two runs of a
+    pair ran back to back): median, min and max; None without a pair. Above 1: ours faster."""
+    by_seed = {r["seed"]: r["time_s"] for r in theirs}
+    ratios = sorted(by_seed[r["seed"]] / r["time_s"] for r in ours if r["seed"] in by_seed and r["time_s"] > 0)
+    if not ratios:
+        return None
+    return {"pairs": len(ratios), "median": float(np.median(ratios)), "min": ratios[0], "max": ratios[-1]}
+
+
 # -----------------------------------------------------------------------------
 # results
 
@@ -517,9 +599,14 @@ def report_lines(result: dict) -> list[str]:
             lines.append("  a record (>= {} runs, both p < {})".format(RECORD_MIN_RUNS, ALPHA) if c["record"]
                          else f"  not a record: {c['why']}")
         ratio = result["time_ratio"]
-        lines.append(f"time ratio {b['name']} / {result['model']} = {ratio:.2f} "
-                     f"({result['model']} is {ratio if ratio >= 1 else 1 / ratio:.2f}x "
-                     f"{'faster' if ratio >= 1 else 'slower'})")
+        text = (f"time ratio {b['name']} / {result['model']} = {ratio:.2f} "
+                f"({result['model']} is {ratio if ratio >= 1 else 1 / ratio:.2f}x "
+                f"{'faster' if ratio >= 1 else 'slower'})")
+        pairs = result.get("paired_time_ratio")
+        if pairs:
+            text += (f"; per pair run back to back: median {pairs['median']:.2f}, "
+                     f"range {pairs['min']:.2f}-{pairs['max']:.2f} over {pairs['pairs']} pair{'s' if pairs['pairs'] != 1 else ''}")
+        lines.append(text)
     return lines
 
 

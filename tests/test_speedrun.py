@@ -436,6 +436,105 @@ def test_speedrun_statistics_against_the_baseline(tiny, tmp_path, monkeypatch, c
     assert row["comparison"]["p_time"] == pytest.approx(c["p_time"])
 
 
+def _logged_sides(monkeypatch, out, base_run):
+    """Fake training for ours and ``base_run`` for airbench94, both appending to one log of
+    (side, seed) in the order the runs happen."""
+    import fastcifar.speedrun as sr
+
+    log = []
+    _fake_train(monkeypatch, out)
+    ours = sr._train_once
+
+    def train_once(model, overrides, model_options, data, run_dir, device, seed, *rest):
+        log.append(("model", seed))
+        return ours(model, overrides, model_options, data, run_dir, device, seed, *rest)
+
+    def run(self, seed):
+        log.append(("airbench94", seed))
+        return base_run(seed)
+
+    monkeypatch.setattr(sr, "_train_once", train_once)
+    monkeypatch.setattr(ab, "require_cuda", lambda device: None)
+    monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([]))
+    monkeypatch.setattr(ab.AirbenchBaseline, "run", run)
+    return log
+
+
+def test_speedrun_alternates_model_and_baseline_runs(tiny, tmp_path, monkeypatch, capsys):
+    """Both warm-ups first, then one pair per seed, back to back, the order alternating; every
+    timed run records its place in the sequence, and the per-pair time ratio is baseline/model
+    per seed."""
+    out = tmp_path / "r.json"
+    log = _logged_sides(monkeypatch, out, lambda seed: {"seed": seed, "accuracy": 0.9, "time_s": 1e-4 * (seed + 2)})
+    speedrun(runs=3, baseline=True, data=tiny / "data", out=out, device="cpu")
+    assert log == [("model", 10_000), ("airbench94", -1),
+                   ("model", 0), ("airbench94", 0), ("airbench94", 1), ("model", 1), ("model", 2), ("airbench94", 2)]
+    stored = json.loads(out.read_text())
+    assert [r["order"] for r in stored["runs"]] == [0, 3, 4]
+    assert [r["order"] for r in stored["baseline"]["runs"]] == [1, 2, 5]
+    ratios = [r_b["time_s"] / r["time_s"] for r, r_b in zip(stored["runs"], stored["baseline"]["runs"])]
+    assert len(set(ratios)) == 3   # the fakes' times differ per seed on both sides, so pairing matters
+    assert stored["paired_time_ratio"] == pytest.approx(
+        {"pairs": 3, "median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios)})
+    assert f"per pair run back to back: median {np.median(ratios):.2f}" in capsys.readouterr().out
+
+
+def test_a_signal_in_a_baseline_run_stops_the_speedrun_with_its_runs_on_disk(tiny, tmp_path, monkeypatch):
+    import os
+    import signal
+    import time
+
+    def base_run(seed):
+        if seed == 1:   # SIGTERM from a time limit, in the middle of airbench's second timed run
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            raise AssertionError("the signal did not interrupt the baseline's run")
+        return {"seed": seed, "accuracy": 0.9, "time_s": 1.0}
+
+    out = tmp_path / "r.json"
+    before = signal.getsignal(signal.SIGTERM)
+    log = _logged_sides(monkeypatch, out, base_run)
+    with pytest.raises(UserError, match=r"speedrun stopped: interrupted by SIGTERM \(seed 1 of airbench94\); "
+                                        r"the 1 finished run\(s\) and 1 of airbench94 are in"):
+        speedrun(runs=3, baseline=True, data=tiny / "data", out=out, device="cpu")
+    assert log[-1] == ("airbench94", 1)            # nothing ran after the signal
+    assert signal.getsignal(signal.SIGTERM) is before  # the process's own handler is back
+    stored = json.loads(out.read_text())
+    assert stored["status"] == "interrupted" and stored["runs_ok"] == 1
+    assert [("error" in r) for r in stored["baseline"]["runs"]] == [False, True]
+    assert stored["baseline"]["runs_ok"] == 1
+
+
+def test_baseline_failures_leave_the_model_runs_and_are_named(tiny, tmp_path, monkeypatch, capsys):
+    """A baseline that fails before its first timed run costs only itself; a failing timed run of
+    it is recorded and the pairs go on; both end the command with an error naming them."""
+    out = tmp_path / "r.json"
+
+    def broken(seed):
+        raise RuntimeError("CUDA error: out of luck")
+
+    log = _logged_sides(monkeypatch, out, broken)
+    with pytest.raises(UserError, match=r"the baseline failed \(RuntimeError: CUDA error: out of luck\)"):
+        speedrun(runs=2, baseline=True, data=tiny / "data", out=out, device="cpu")
+    assert log == [("model", 10_000), ("airbench94", -1), ("model", 0), ("model", 1)]
+    assert "FAILED before its first timed run" in capsys.readouterr().out
+    stored = json.loads(out.read_text())
+    assert stored["runs_ok"] == 2 and stored["baseline"] is None
+
+    def flaky(seed):
+        if seed == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return {"seed": seed, "accuracy": 0.9, "time_s": 1.0}
+
+    log = _logged_sides(monkeypatch, out, flaky)
+    with pytest.raises(UserError, match=r"1 of 3 airbench94 runs failed \(seed 1: RuntimeError: CUDA error: an illegal"):
+        speedrun(runs=3, baseline=True, data=tiny / "data", out=out, device="cpu")
+    assert log[-1] == ("airbench94", 2)            # the pairs went on after the failure
+    stored = json.loads(out.read_text())
+    assert stored["runs_ok"] == 3 and stored["baseline"]["runs_ok"] == 2
+    assert stored["paired_time_ratio"]["pairs"] == 2
+
+
 def test_calibrate_records_a_failed_run_and_goes_on(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(ab, "require_cuda", lambda device: None)
     monkeypatch.setattr(ab, "import_airbench", lambda: _fake_airbench([]))
