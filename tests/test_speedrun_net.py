@@ -192,6 +192,28 @@ def test_gelu_keeps_the_weights_and_refuses_unknown_activations():
         create_model("speedrun_net", act="silu")
 
 
+def test_bn_momentum_and_eps_reach_every_batchnorm():
+    """bn_momentum / bn_eps (airbench94's 0.4 / 1e-12) set every NormAct, and one training
+    step moves the running mean by that momentum towards the batch's mean."""
+    from fastcifar.errors import UserError
+
+    model = create_model("speedrun_net", bn_momentum=0.4, bn_eps=1e-12).train()
+    norms = [m for m in model.modules() if isinstance(m, NormAct)]
+    assert len(norms) == 7 and {(m.momentum, m.eps) for m in norms} == {(0.4, 1e-12)}
+    assert {(m.momentum, m.eps) for m in create_model("speedrun_net").modules()
+            if isinstance(m, NormAct)} == {(0.1, 1e-5)}
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.stem(x)
+    before = model.stem_norm.running_mean.clone()
+    model(x)
+    assert torch.allclose(model.stem_norm.running_mean, 0.6 * before + 0.4 * feats.mean((0, 2, 3)), atol=1e-6)
+    with pytest.raises(UserError, match="bn_momentum must be in"):
+        create_model("speedrun_net", bn_momentum=0.0)
+    with pytest.raises(UserError, match="bn_eps must be positive"):
+        create_model("speedrun_net", bn_eps=-1.0)
+
+
 def test_whiten_stem_model_shapes_flops_and_bad_stem():
     from fastcifar.errors import UserError
     from fastcifar.models import forward_flops

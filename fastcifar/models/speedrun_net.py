@@ -22,7 +22,9 @@ as the identity on its first in_channels outputs, as airbench94 initialises its 
 `act=gelu` puts airbench94's GELU wherever ReLU is (fused into the BN kernels like ReLU: every
 NormAct runs BN (+ skip) + GELU in one pass on the triton backend). `stem_norm=false` is
 airbench94's stem: the stem conv gets a bias (from zero, at the BN shifts' rate) and no
-BatchNorm follows it.
+BatchNorm follows it. `bn_momentum` and `bn_eps` set every BatchNorm's running-statistics
+step (torch's convention: the weight of each new batch; default 0.1) and epsilon (default 1e-5);
+airbench94 uses 0.4 and 1e-12.
 
 Status: its time against the airbench94 baseline is NOT yet measured on a GPU, and the `fast`
 recipe below is still to be tuned there (see bench/README.md). CPU runs (fp32, seed 0, the JPEG
@@ -111,14 +113,14 @@ class Block(nn.Module):
     """
 
     def __init__(self, c_in: int, c_out: int, dirac_init: bool = False, residual: bool = True,
-                 act: str = "relu"):
+                 act: str = "relu", bn: dict | None = None):
         super().__init__()
         self.residual = residual
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool = nn.MaxPool2d(2)
-        self.norm1 = NormAct(c_out, act=act)
+        self.norm1 = NormAct(c_out, act=act, **(bn or {}))
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.norm2 = NormAct(c_out, act=act)
+        self.norm2 = NormAct(c_out, act=act, **(bn or {}))
         if dirac_init:
             for conv in (self.conv1, self.conv2):
                 identity_init_(conv)
@@ -201,10 +203,17 @@ class SpeedrunNet(nn.Module):
     def __init__(self, widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
                  dirac_init: bool = False, residual: bool = True, act: str = "relu",
-                 stem_norm: bool = True):
+                 stem_norm: bool = True, bn_momentum: float = 0.1, bn_eps: float = 1e-5):
         super().__init__()
         if act not in ACTIVATIONS:
             raise UserError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if not 0 < bn_momentum <= 1:
+            raise UserError(f"bn_momentum must be in (0, 1] (the running statistics' step towards "
+                            f"each batch's), got {bn_momentum!r}")
+        if not bn_eps > 0:
+            raise UserError(f"bn_eps must be positive, got {bn_eps!r}")
+        # every BatchNorm's running-statistics step and epsilon (airbench94: 0.4 and 1e-12)
+        bn = {"momentum": float(bn_momentum), "eps": float(bn_eps)}
         w0, w1, w2, w3 = widths
         if stem == "conv":
             # A 32-channel stem at full resolution: the first block's conv then sees a nonlinear,
@@ -222,7 +231,7 @@ class SpeedrunNet(nn.Module):
         else:
             raise UserError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
         if stem_norm:
-            self.stem_norm = NormAct(w0, act=act)
+            self.stem_norm = NormAct(w0, act=act, **bn)
         else:
             # airbench94's stem: the stem conv's own bias, then the activation, no BatchNorm
             # (the whitened channels already have unit variance); the bias is a 1-D parameter,
@@ -231,9 +240,9 @@ class SpeedrunNet(nn.Module):
         # Width jumps to 256 by block2 (8x8): compute there is cheap per channel, and most of the
         # capacity sits where the features are most abstract. 64 channels at 16x16 keeps block1
         # small, the costliest stage per parameter.
-        self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual, act=act)
-        self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual, act=act)
-        self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual, act=act)
+        self.block1 = Block(w0, w1, dirac_init=dirac_init, residual=residual, act=act, bn=bn)
+        self.block2 = Block(w1, w2, dirac_init=dirac_init, residual=residual, act=act, bn=bn)
+        self.block3 = Block(w2, w3, dirac_init=dirac_init, residual=residual, act=act, bn=bn)
         # Global max pool (in forward): the strongest response of each feature anywhere in the
         # last map (3x3; 4x4 with the conv stem), a little more translation-robust than averaging
         # for a net this shallow.
@@ -313,7 +322,7 @@ FAST = Recipe(
 def speedrun_net(widths=(32, 64, 256, 256), logit_scale: float = 0.125,
                  freeze_bn_weight: bool = True, num_classes: int = 10, stem: str = "whiten",
                  dirac_init: bool = False, residual: bool = True, act: str = "relu",
-                 stem_norm: bool = True) -> nn.Module:
+                 stem_norm: bool = True, bn_momentum: float = 0.1, bn_eps: float = 1e-5) -> nn.Module:
     return SpeedrunNet(widths=tuple(widths), logit_scale=logit_scale, freeze_bn_weight=freeze_bn_weight,
                        num_classes=num_classes, stem=stem, dirac_init=dirac_init, residual=residual,
-                       act=act, stem_norm=stem_norm)
+                       act=act, stem_norm=stem_norm, bn_momentum=bn_momentum, bn_eps=bn_eps)
