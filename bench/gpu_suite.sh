@@ -41,9 +41,10 @@
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
 #                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
 #                                                                        -> profile_step.json, profile_traces.tar.gz
-#   overhead [MODEL...] the host overhead: profile_step in torch.compile's default mode and in
-#                       reduce-overhead (CUDA graphs), then speedrun_net vs airbench94 with
-#                       CUDA graphs        -> profile_step.json, profile_step_reduce-overhead.json,
+#   overhead [MODEL...] the host overhead: profile_step without torch.compile (cuDNN BN), in
+#                       torch.compile's default mode and in reduce-overhead (CUDA graphs), then
+#                       speedrun_net vs airbench94 with CUDA graphs
+#                                          -> profile_step_eager.json, profile_step.json, profile_step_reduce-overhead.json,
 #                                             profile_traces*.tar.gz, speedrun_speedrun_net_reduce-overhead.json
 #   all                 everything above in order (needs far more than one call)
 # COMPILE_MODE=reduce-overhead runs speedrun, tune, train and profile with CUDA graphs.
@@ -376,6 +377,15 @@ stage_overhead() {
   # 3.5 ms of kernels in a 7.2 ms step), waiting for the host to launch ~170-280 kernels. CUDA
   # graphs (torch.compile mode reduce-overhead) replay them without launch gaps. Here: the
   # step profiled in both modes, then speedrun_net against airbench94 in reduce-overhead.
+  # The third reference, first because it costs seconds (nothing compiles): the step without
+  # torch.compile, cuDNN's BatchNorm (one kernel forward, one backward, where inductor's
+  # decomposition launches several). airbench94 runs eagerly in 5.5 ms a step on the H100
+  # (2.65 s for 476 steps, calibrate_airbench.json) against speedrun_net's compiled 7.2 ms, with
+  # the same widths: a host-bound step may launch less uncompiled.
+  local models=("$@")
+  [ ${#models[@]} -gt 0 ] || models=(resnet_2111 speedrun_net)
+  step $PY bench/profile_step.py --models "${models[@]}" --backends eager --no-compile \
+    --out "$OUT/profile_step_eager.json"
   local COMPILE_MODE="" MODE=()
   stage_profile "$@"
   COMPILE_MODE=reduce-overhead MODE=(--compile-mode reduce-overhead)

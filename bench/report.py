@@ -101,8 +101,12 @@ def _model_label(row: dict) -> str:
 
 
 def _mode(d: dict) -> str:
-    """The caption's note of a torch.compile mode other than the default (bench_train, profile_step)."""
-    mode = (d.get("settings") or {}).get("compile_mode")
+    """The caption's note of a torch.compile mode other than the default, or of no compilation
+    at all (bench_train, profile_step)."""
+    settings = d.get("settings") or {}
+    if settings.get("no_compile"):
+        return "; not compiled (eager PyTorch)"
+    mode = settings.get("compile_mode")
     return f"; torch.compile mode {mode}" if mode else ""
 
 

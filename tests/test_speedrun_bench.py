@@ -151,8 +151,15 @@ def test_benchmarks_report_graphs_run_without_cuda_graphs(tmp_path, monkeypatch,
             assert "torch.compile mode reduce-overhead" in text and f"| {row['step_ms']:.2f} † |" in text
         else:
             assert "cudagraphs" not in row and "without CUDA graphs" not in capsys.readouterr().out
-            assert "torch.compile mode" not in text and "†" not in text
+            assert "torch.compile mode" not in text and "†" not in text and "not compiled" not in text
     torch._dynamo.reset()
+    # the overhead stage's uncompiled reference says so in its caption
+    profile.main(["--device", "cpu", "--models", "speedrun_net", "--backends", "eager", "--batch-size", "8",
+                  "--no-compile", "--warmup", "1", "--steps", "1", "--profile-steps", "1",
+                  "--out", str(tmp_path / "e.json")])
+    [row] = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert row["compiled"] is False and "cudagraphs" not in row
+    assert "; not compiled (eager PyTorch)" in _bench("report").report([tmp_path / "e.json"])
 
 
 def test_gpu_suite_rejects_unknown_stage(tmp_path):
@@ -528,13 +535,16 @@ def _suite_with_stub_python(tmp_path, stage, *args, **env_extra):
 
 
 def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
-    """The overhead stage: profile_step in torch.compile's default mode, then in
-    reduce-overhead (its own result and trace files), then speedrun_net against the baseline
-    with --compile-mode reduce-overhead. Python is a stub that records its arguments."""
+    """The overhead stage: profile_step uncompiled (cuDNN's BatchNorm), in torch.compile's
+    default mode, then in reduce-overhead (each its own result and trace files), then
+    speedrun_net against the baseline with --compile-mode reduce-overhead. Python is a stub that
+    records its arguments."""
     r, calls, out = _suite_with_stub_python(tmp_path, "overhead")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert len(calls) == 3, calls
-    default, graphs, speedrun = calls
+    assert len(calls) == 4, calls
+    eager, default, graphs, speedrun = calls
+    assert "bench/profile_step.py --models resnet_2111 speedrun_net --backends eager --no-compile" in eager
+    assert eager.endswith(f"--out {out}/profile_step_eager.json")
     assert "bench/profile_step.py" in default and "--compile-mode" not in default
     assert default.endswith(f"--out {out}/profile_step.json")
     assert "bench/profile_step.py" in graphs and "--compile-mode reduce-overhead" in graphs
@@ -543,7 +553,7 @@ def test_gpu_suite_overhead_stage_profiles_both_modes(tmp_path):
     assert "--compile-mode reduce-overhead" in speedrun
     assert speedrun.endswith(f"--out {out}/speedrun_speedrun_net_reduce-overhead.json")
     made = sorted(p.name for p in out.iterdir())
-    assert {"profile_step.json", "profile_step_reduce-overhead.json", "profile_traces.tar.gz",
+    assert {"profile_step_eager.json", "profile_step.json", "profile_step_reduce-overhead.json", "profile_traces.tar.gz",
             "profile_traces_reduce-overhead.tar.gz", "speedrun_speedrun_net_reduce-overhead.json"} <= set(made)
 
 
