@@ -379,8 +379,8 @@ stage_overhead() {
   # step profiled in both modes, then speedrun_net against airbench94 in reduce-overhead.
   # The third reference, first because it costs seconds (nothing compiles): the step without
   # torch.compile, cuDNN's BatchNorm (one kernel forward, one backward, where inductor's
-  # decomposition launches several). airbench94 runs eagerly in 5.5 ms a step on the H100
-  # (2.65 s for 476 steps, calibrate_airbench.json) against speedrun_net's compiled 7.2 ms, with
+  # decomposition launches several). airbench94 runs eagerly in at most 5.5 ms a step on the H100
+  # (2.65 s for 476 steps and its evaluation) against speedrun_net's compiled 7.2 ms, with
   # the same widths: a host-bound step may launch less uncompiled.
   local models=("$@")
   [ ${#models[@]} -gt 0 ] || models=(resnet_2111 speedrun_net)
