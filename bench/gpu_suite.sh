@@ -37,7 +37,8 @@
 #                       report); without epochs=N, the epochs that fit $ZOO_BUDGET_S (80) s of
 #                       training at the warm-up's speed (--train-budget-s) -> zoo_results.tar.gz
 #   tune                speedrun_net for each setting of TUNE_GRID (default: the epochs of
-#                       EPOCHS_SWEEP), $TUNE_RUNS runs each         -> tune_speedrun_net.tar.gz
+#                       EPOCHS_SWEEP; the word airbench_like: airbench94's network and recipe),
+#                       $TUNE_RUNS runs each                        -> tune_speedrun_net.tar.gz
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
 #                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
 #                                                                        -> profile_step.json, profile_traces.tar.gz
@@ -101,8 +102,19 @@ CAL_RUNS=${CAL_RUNS:-5}
 TUNE_RUNS=${TUNE_RUNS:-3}
 EPOCHS_SWEEP=${EPOCHS_SWEEP:-"8 10 12 14"}
 # tune settings, space-separated; each a comma-joined list of recipe FIELD=VALUE and model
-# options model:KEY=VALUE, e.g. "epochs=10 epochs=10,weight_decay=1e-3 epochs=10,model:stem=conv"
+# options model:KEY=VALUE, e.g. "epochs=10 epochs=10,weight_decay=1e-3 epochs=10,model:stem=conv";
+# name:LABEL names the setting's result file (speedrun_net_LABEL.json) instead of its fields
 TUNE_GRID=${TUNE_GRID:-$(for e in $EPOCHS_SWEEP; do printf 'epochs=%s ' "$e"; done)}
+# airbench94's network and recipe in fastcifar: the TUNE_GRID word airbench_like (e.g.
+# TUNE_GRID="epochs=10 epochs=12 airbench_like") stands for this setting:
+# no skips, identity-started convs, GELU, a biased whitening conv without BatchNorm, logits x 1/9,
+# BatchNorm momentum 0.4 and eps 1e-12; its optimizer for a mean loss and its ramped Lookahead.
+# On the CPU (seed 0) it scored 90.48% against airbench94's own 90.59%
+# (bench/results/train_cpu_speedrun_net_airbench_clone_10.json)
+AIRBENCH_LIKE="name:airbench_like_10,epochs=10,lr=1.5,momentum=0.85,weight_decay=1.33e-3,pct_start=0.23,\
+final_lr_frac=0.07,ema=0,lookahead_k=5,lookahead_alpha=0.2262,lookahead_ramp=true,model:act=gelu,\
+model:residual=false,model:dirac_init=true,model:stem_norm=false,model:logit_scale=0.1111111,\
+model:bn_momentum=0.4,model:bn_eps=1e-12"
 TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
 EXTRA_SET=${EXTRA_SET:-}                         # "FIELD=VALUE ..." recipe overrides for speedrun and tune
 NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net model options (speedrun, tune)
@@ -346,16 +358,18 @@ stage_tune() {
   local settings parts setting kv
   words settings "$TUNE_GRID"
   for setting in "${settings[@]}"; do
-    local args=()
+    [ "$setting" = airbench_like ] && setting=$AIRBENCH_LIKE
+    local args=() label=$setting
     IFS=, read -r -a parts <<< "$setting"
     for kv in "${parts[@]}"; do
       case "$kv" in
         model:*) args+=(--model-opt "${kv#model:}") ;;
+        name:*) label=${kv#name:} ;;
         *) args+=(--set "$kv") ;;
       esac
     done
-    # one file per setting, named after it: epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
-    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$setting" | tr -c "A-Za-z0-9.-" "_").json"
+    # one file per setting, named after it (or its name:): epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
+    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$label" | tr -c "A-Za-z0-9.-" "_").json"
     step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" "${args[@]}" \
       "${MODE[@]}" --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")

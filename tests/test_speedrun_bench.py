@@ -447,6 +447,21 @@ def test_gpu_suite_tune_runs_each_grid_setting(tmp_path):
         assert sorted(tar.getnames()) == files
 
 
+def test_gpu_suite_tune_names_settings_and_expands_airbench_like(tmp_path):
+    """A setting's name:LABEL names its file; the word airbench_like stands for airbench94's
+    network and recipe (model options and recipe fields routed as any other setting's)."""
+    r, calls, out = _suite_with_stub_python(tmp_path, "tune", TUNE_GRID="airbench_like name:short,epochs=3")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert len(calls) == 2, calls
+    like, short = calls
+    for flag in ("--set epochs=10", "--set lr=1.5", "--set momentum=0.85", "--set lookahead_ramp=true", "--set ema=0",
+                 "--model-opt act=gelu", "--model-opt residual=false", "--model-opt dirac_init=true",
+                 "--model-opt stem_norm=false", "--model-opt bn_momentum=0.4", "--model-opt bn_eps=1e-12"):
+        assert flag in like, flag
+    assert "name:" not in like and "name:" not in short and "--set epochs=3" in short
+    assert like.endswith("tune/speedrun_net_airbench_like_10.json") and short.endswith("tune/speedrun_net_short.json")
+
+
 def _collect(*args) -> subprocess.CompletedProcess:
     import sys
     return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
