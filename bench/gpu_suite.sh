@@ -39,6 +39,9 @@
 #   tune                speedrun_net for each setting of TUNE_GRID (default: the epochs of
 #                       EPOCHS_SWEEP; the word airbench_like: airbench94's network and recipe),
 #                       $TUNE_RUNS runs each                        -> tune_speedrun_net.tar.gz
+#   race [SETTING]      speedrun_net as airbench94 (the TUNE_GRID word airbench_like, or SETTING)
+#                       against airbench94, $SPEEDRUN_RUNS pairs: one recipe, two engines
+#                                                 -> speedrun_airbench_like_10[_$COMPILE_MODE].json
 #   profile [MODEL...]  bench/profile_step.py: a train step's device time by kernel group, launches,
 #                       idle share, compiled vs triton (default resnet_2111 speedrun_net)
 #                                                                        -> profile_step.json, profile_traces.tar.gz
@@ -79,9 +82,9 @@ cd "$(dirname "$0")/.."
 stage=${1:-all}
 shift || true
 case "$stage" in
-  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|zoo|tune|profile|overhead|all) ;;
+  call1|call2|call3|preflight|env|tests|kernels|loaders|train|calibrate|speedrun|zoo|tune|race|profile|overhead|all) ;;
   *) echo "unknown stage '$stage'; choose call1, call2, call3, preflight, env, tests, kernels, loaders, train," \
-          "calibrate, speedrun, zoo, tune, profile, overhead or all" >&2; exit 2 ;;
+          "calibrate, speedrun, zoo, tune, race, profile, overhead or all" >&2; exit 2 ;;
 esac
 OUT=${OUT:-bench/results/gpu_suite}
 GPU_DATA=${GPU_DATA:-.gpu/data}
@@ -352,29 +355,45 @@ stage_zoo() {
   done
 }
 
+# SETTING (a TUNE_GRID word) -> SETTING_ARGS (--set / --model-opt arguments) and SETTING_LABEL
+# (its name: or the setting itself); the word airbench_like stands for $AIRBENCH_LIKE
+setting_args() {
+  local setting=$1 parts kv
+  [ "$setting" = airbench_like ] && setting=$AIRBENCH_LIKE
+  SETTING_ARGS=() SETTING_LABEL=$setting
+  IFS=, read -r -a parts <<< "$setting"
+  for kv in "${parts[@]}"; do
+    case "$kv" in
+      model:*) SETTING_ARGS+=(--model-opt "${kv#model:}") ;;
+      name:*) SETTING_LABEL=${kv#name:} ;;
+      *) SETTING_ARGS+=(--set "$kv") ;;
+    esac
+  done
+}
+
 stage_tune() {
   local files=()
   mkdir -p "$RESULTS/tune"
-  local settings parts setting kv
+  local settings setting
   words settings "$TUNE_GRID"
   for setting in "${settings[@]}"; do
-    [ "$setting" = airbench_like ] && setting=$AIRBENCH_LIKE
-    local args=() label=$setting
-    IFS=, read -r -a parts <<< "$setting"
-    for kv in "${parts[@]}"; do
-      case "$kv" in
-        model:*) args+=(--model-opt "${kv#model:}") ;;
-        name:*) label=${kv#name:} ;;
-        *) args+=(--set "$kv") ;;
-      esac
-    done
+    setting_args "$setting"
     # one file per setting, named after it (or its name:): epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
-    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$label" | tr -c "A-Za-z0-9.-" "_").json"
-    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" "${args[@]}" \
-      "${MODE[@]}" --data "$DATA" --out "$f"
+    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$SETTING_LABEL" | tr -c "A-Za-z0-9.-" "_").json"
+    step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" \
+      "${SETTING_ARGS[@]}" "${MODE[@]}" --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
     [ ${#files[@]} -gt 0 ] && tar czf "$OUT/tune_speedrun_net.tar.gz" -C "$RESULTS/tune" "${files[@]}"
   done
+}
+
+stage_race() {
+  # speedrun_net built and trained as airbench94 (airbench_like) against airbench94 itself, in
+  # the same process, $SPEEDRUN_RUNS pairs: one recipe, two engines (fastcifar's compiled step,
+  # with CUDA graphs under COMPILE_MODE=reduce-overhead, against airbench94's eager one)
+  setting_args "${1:-airbench_like}"
+  step $FC speedrun --model speedrun_net --baseline --runs "$SPEEDRUN_RUNS" "${SETTING_ARGS[@]}" "${MODE[@]}" \
+    --data "$DATA" "${NPZ[@]}" --out "$OUT/speedrun_$(printf "%s" "$SETTING_LABEL" | tr -c "A-Za-z0-9.-" "_")${COMPILE_MODE:+_$COMPILE_MODE}.json"
 }
 
 stage_profile() {
@@ -449,6 +468,7 @@ case "$stage" in
   speedrun) need_data; stage_speedrun "$@" ;;
   zoo) need_data; stage_zoo "$@" ;;
   tune) need_data; stage_tune ;;
+  race) need_data; stage_race "$@" ;;
   profile) stage_profile "$@" ;;
   overhead) need_data; stage_overhead "$@" ;;
   call1) stage_call1 ;;

@@ -462,6 +462,23 @@ def test_gpu_suite_tune_names_settings_and_expands_airbench_like(tmp_path):
     assert like.endswith("tune/speedrun_net_airbench_like_10.json") and short.endswith("tune/speedrun_net_short.json")
 
 
+def test_gpu_suite_race_runs_airbench_like_against_airbench94(tmp_path):
+    """The race stage: speedrun_net as airbench94 (airbench_like) with the baseline, in the
+    compile mode asked for, its file named after the setting and the mode; or another setting."""
+    r, calls, out = _suite_with_stub_python(tmp_path, "race", COMPILE_MODE="reduce-overhead", SPEEDRUN_RUNS="5")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    [race] = calls
+    assert race.startswith("-m fastcifar.cli speedrun --model speedrun_net --baseline --runs 5 --set epochs=10")
+    assert "--model-opt residual=false" in race and "--compile-mode reduce-overhead" in race
+    assert race.endswith(f"--out {out}/speedrun_airbench_like_10_reduce-overhead.json")
+    (tmp_path / "other").mkdir()
+    r, calls, out = _suite_with_stub_python(tmp_path / "other", "race", "name:gelu8,epochs=8,model:act=gelu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    [race] = calls
+    assert "--set epochs=8 --model-opt act=gelu" in race and "--compile-mode" not in race
+    assert race.endswith(f"--out {out}/speedrun_gelu8.json")
+
+
 def _collect(*args) -> subprocess.CompletedProcess:
     import sys
     return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
