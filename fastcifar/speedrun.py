@@ -220,19 +220,19 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                         r, _ = one_run(s, f"run{i}")
                         say(_run_line(model, i, runs, r))
                     else:
-                        with _signals_interrupt(f"seed {s} of {ab_name()}"):
+                        with _signals_interrupt(f"seed {s} of {_ab_name()}"):
                             r = base.run(s)
-                        say(_run_line(ab_name(), i, runs, r))
+                        say(_run_line(_ab_name(), i, runs, r))
                 except _Interrupted as e:
                     _add_run(result, side, {"seed": s, "error": str(e)})
                     rec.finish("interrupted", say)
-                    theirs = (f" and {sum('error' not in r for r in result['baseline']['runs'])} of {ab_name()}"
+                    theirs = (f" and {sum('error' not in r for r in result['baseline']['runs'])} of {_ab_name()}"
                               if result["baseline"] else "")
                     raise UserError(f"speedrun stopped: {e}; the {rec.ok_runs()} finished run(s){theirs} "
                                     f"are in {out}") from None
                 except Exception as e:  # this seed is lost on this side, the rest still run
                     r = {"seed": s, "error": _error(e)}
-                    say(f"  {model if side == 'model' else ab_name()} run {i + 1}/{runs} (seed {s}) "
+                    say(f"  {model if side == 'model' else _ab_name()} run {i + 1}/{runs} (seed {s}) "
                         f"FAILED: {r['error']}")
                 r["order"] = next(order)
                 _add_run(result, side, r)
@@ -249,7 +249,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     elif result["baseline"]:
         failed = [r for r in result["baseline"]["runs"] if "error" in r]
         if failed:
-            problems.append(f"{len(failed)} of {runs} {ab_name()} runs failed "
+            problems.append(f"{len(failed)} of {runs} {_ab_name()} runs failed "
                             f"(seed {failed[0]['seed']}: {failed[0]['error']})")
     if problems:
         kept = "the model's own results were" if rec.ok_runs() else "the errors were"
@@ -257,7 +257,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     return result
 
 
-def ab_name() -> str:
+def _ab_name() -> str:
     from fastcifar import baseline as ab
 
     return ab.NAME
