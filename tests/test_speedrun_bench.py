@@ -459,20 +459,36 @@ def test_gpu_suite_tune_names_settings_and_expands_airbench_like(tmp_path):
                  "--model-opt stem_norm=false", "--model-opt bn_momentum=0.4", "--model-opt bn_eps=1e-12"):
         assert flag in like, flag
     assert "name:" not in like and "name:" not in short and "--set epochs=3" in short
-    assert like.endswith("tune/speedrun_net_airbench_like_10.json") and short.endswith("tune/speedrun_net_short.json")
+    assert like.endswith("tune/speedrun_net_airbench_like.json") and short.endswith("tune/speedrun_net_short.json")
 
 
 def test_gpu_suite_race_runs_airbench_like_against_airbench94(tmp_path):
     """The race stage: speedrun_net as airbench94 (airbench_like) with the baseline, in the
-    compile mode asked for, its file named after the setting and the mode; or another setting."""
-    r, calls, out = _suite_with_stub_python(tmp_path, "race", COMPILE_MODE="reduce-overhead", SPEEDRUN_RUNS="5")
+    compile mode asked for, its file named after the setting and the mode; then the setting at
+    each of RACE_EPOCHS epochs without the baseline, packed into one file; or another setting."""
+    import tarfile
+
+    r, calls, out = _suite_with_stub_python(tmp_path, "race", COMPILE_MODE="reduce-overhead", SPEEDRUN_RUNS="5",
+                                            RACE_EPOCHS="8 9")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    [race] = calls
+    race, eight, nine = calls
     assert race.startswith("-m fastcifar.cli speedrun --model speedrun_net --baseline --runs 5 --set epochs=10")
     assert "--model-opt residual=false" in race and "--compile-mode reduce-overhead" in race
-    assert race.endswith(f"--out {out}/speedrun_airbench_like_10_reduce-overhead.json")
+    assert race.endswith(f"--out {out}/speedrun_airbench_like_reduce-overhead.json")
+    for sweep, e in ((eight, 8), (nine, 9)):
+        assert sweep.startswith("-m fastcifar.cli speedrun --model speedrun_net --no-baseline --runs 3")
+        assert "--set epochs=10" in sweep and sweep.index(f"--set epochs={e}") > sweep.index("--set epochs=10")
+        assert sweep.endswith(f"race/speedrun_airbench_like_epochs_{e}_reduce-overhead.json")
+    with tarfile.open(out / "race_epochs_reduce-overhead.tar.gz") as tar:
+        assert {"speedrun_airbench_like_epochs_8_reduce-overhead.json",
+                "speedrun_airbench_like_epochs_9_reduce-overhead.json"} <= set(tar.getnames())
+    # too little of the call left: the sweep is not started, and that is no failure
+    (tmp_path / "late").mkdir()
+    r, calls, out = _suite_with_stub_python(tmp_path / "late", "race", RACE_SWEEP_MIN_S="100000")
+    assert r.returncode == 0 and len(calls) == 1 and "race: epochs=8 not started" in r.stdout
     (tmp_path / "other").mkdir()
-    r, calls, out = _suite_with_stub_python(tmp_path / "other", "race", "name:gelu8,epochs=8,model:act=gelu")
+    r, calls, out = _suite_with_stub_python(tmp_path / "other", "race", "name:gelu8,epochs=8,model:act=gelu",
+                                            RACE_EPOCHS="")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     [race] = calls
     assert "--set epochs=8 --model-opt act=gelu" in race and "--compile-mode" not in race
