@@ -52,7 +52,8 @@
 #                                          -> profile_step_eager.json, profile_step.json, profile_step_reduce-overhead.json,
 #                                             profile_traces*.tar.gz, speedrun_speedrun_net_reduce-overhead.json
 #   all                 everything above in order (needs far more than one call)
-# COMPILE_MODE=reduce-overhead runs speedrun, tune, train and profile with CUDA graphs.
+# COMPILE_MODE=reduce-overhead runs speedrun, tune, race, zoo, train and profile with CUDA graphs;
+# COMPILE_MODE=none runs them without torch.compile (--no-compile).
 # Every stage also writes suite_<stage>.log. Files land in $OUT (at most 8 per call). Every tool
 # rewrites its results file after each unit (a shape, a model, a loader, a seed), so a step cut
 # short by its time limit keeps what it finished. A failing step does not stop the others; the
@@ -127,7 +128,7 @@ NET_OPT=${NET_OPT:-}                             # "KEY=VALUE ..." speedrun_net 
 GPU_TESTS=${GPU_TESTS:-"tests/test_kernels_gpu.py tests/test_kernels.py tests/test_kernels_compile.py tests/test_models.py"}
 HEADLINE=${HEADLINE:-"speedrun_net resnet_2111"}
 BN_ACT=${BN_ACT:-relu}                           # bench_bn_relu's activation: relu, or gelu (-> bench_bn_relu_gelu.json)
-COMPILE_MODE=${COMPILE_MODE:-}                   # torch.compile mode for speedrun, tune, train, profile (e.g. reduce-overhead)
+COMPILE_MODE=${COMPILE_MODE:-}                   # torch.compile mode for speedrun, tune, race, zoo, train, profile (e.g. reduce-overhead; none: no compile)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 # Compile caches carried from call to call. A GPU node starts with empty caches, so every call
@@ -212,7 +213,11 @@ words _kvs "$NET_OPT"; for kv in "${_kvs[@]}"; do NET_OPTS+=(--model-opt "$kv");
 NPZ=()
 [ -f "$ORIG_NPZ" ] && NPZ=(--original-npz "$ORIG_NPZ")
 MODE=()
-[ -n "$COMPILE_MODE" ] && MODE=(--compile-mode "$COMPILE_MODE")
+case "$COMPILE_MODE" in
+  "") ;;
+  none) MODE=(--no-compile) ;;     # no torch.compile at all (as airbench94 runs)
+  *) MODE=(--compile-mode "$COMPILE_MODE") ;;
+esac
 zoo_models() { $PY -c "import fastcifar.models as m; print(' '.join(n for n in m.model_names() if n != 'speedrun_net'))"; }
 
 # --- preflight: every later step's needs, one line each; the data converted if missing --------

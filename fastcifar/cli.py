@@ -249,6 +249,10 @@ def speedrun(
         None, "--compile-mode", metavar="MODE",
         help="torch.compile mode of the model's runs, e.g. reduce-overhead (CUDA graphs: no launch "
              "gaps between the step's kernels); default: torch's default mode."),
+    compile_: Optional[bool] = typer.Option(
+        None, "--compile/--no-compile",
+        help="torch.compile the model's runs (default: as `train`, on for GPU). --no-compile runs them "
+             "eagerly, as airbench94 runs."),
     target: Optional[str] = typer.Option(
         None, "--target", metavar="ACC|report",
         help="Stop each run as soon as its test accuracy reaches ACC (94 or 0.94), and record per run "
@@ -278,7 +282,7 @@ def speedrun(
     overrides = _pairs(set_, "--set", "FIELD=VALUE")
     run(model=model, runs=runs, baseline=baseline, data=data, out=out, device=device, seed=seed,
         overrides=overrides, model_options=_model_options(model_opt), original_npz=original_npz, loader=loader,
-        bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode, target=target,
+        bn_backend=bn_backend, margin=margin / 100, compile_mode=compile_mode, compile=compile_, target=target,
         calibration=calibration, warmup_epochs=warmup_epochs, train_budget_s=train_budget_s)
 
 

@@ -91,6 +91,8 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     if not 0 <= margin < 1:
         raise UserError(f"--margin must be in [0, 100) percentage points, got {100 * margin:g}")
     check_compile_mode(compile_mode)
+    if compile is False and compile_mode is not None:
+        raise UserError(f"--compile-mode {compile_mode} needs compilation; drop --no-compile or --compile-mode")
     data_files = check_data(data)   # refuses missing or damaged data before the first run
     data = data_files.folder
     recipe = get_recipe(model, "fast")  # UserError for an unknown model

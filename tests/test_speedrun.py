@@ -275,6 +275,8 @@ def test_missing_airbench_is_a_user_error(monkeypatch):
     (["--target", "150", "--no-baseline"], "--target is an accuracy"),
     (["--target", "report", "--no-baseline"], "is a lossy copy of CIFAR-10"),
     (["--calibration", "{tmp}/c.json", "--no-baseline"], "add --target report"),
+    (["--no-compile", "--compile-mode", "reduce-overhead", "--no-baseline"],
+     "--compile-mode reduce-overhead needs compilation; drop --no-compile or --compile-mode"),
     (["--target", "report", "--calibration", "{tmp}/missing.json", "--no-baseline"], "cannot read it as JSON"),
 ])
 def test_cli_errors(tiny, tmp_path, monkeypatch, capsys, args, message):
@@ -595,6 +597,11 @@ def test_cli_passes_model_options_and_overrides(monkeypatch):
     assert got["compile_mode"] == "reduce-overhead" and got["train_budget_s"] == 80.0
     assert got["model_options"] == {"stem": "whiten", "widths": [8, 16, 16, 16]}
     assert got["overrides"] == {"alternate_flip": "true"}
+    assert got["compile"] is None                   # as train decides: on for a GPU
+    # --no-compile: the runs go uncompiled, as airbench94 runs
+    r = CliRunner().invoke(app, ["speedrun", "--no-baseline", "--runs", "1", "--device", "cpu", "--no-compile"])
+    assert r.exit_code == 0, r.output
+    assert got["compile"] is False
 
 
 # -----------------------------------------------------------------------------

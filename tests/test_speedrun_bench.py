@@ -482,6 +482,11 @@ def test_gpu_suite_race_runs_airbench_like_against_airbench94(tmp_path):
     with tarfile.open(out / "race_epochs_reduce-overhead.tar.gz") as tar:
         assert {"speedrun_airbench_like_epochs_8_reduce-overhead.json",
                 "speedrun_airbench_like_epochs_9_reduce-overhead.json"} <= set(tar.getnames())
+    # COMPILE_MODE=none: no torch.compile at all
+    (tmp_path / "eager").mkdir()
+    r, calls, out = _suite_with_stub_python(tmp_path / "eager", "race", COMPILE_MODE="none", RACE_EPOCHS="")
+    assert r.returncode == 0 and len(calls) == 1 and " --no-compile " in calls[0] and "--compile-mode" not in calls[0]
+    assert calls[0].endswith(f"--out {out}/speedrun_airbench_like_none.json")
     # too little of the call left: the sweep is not started, and that is no failure
     (tmp_path / "late").mkdir()
     r, calls, out = _suite_with_stub_python(tmp_path / "late", "race", RACE_SWEEP_MIN_S="100000")
