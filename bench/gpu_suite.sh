@@ -364,7 +364,7 @@ stage_zoo() {
 }
 
 # SETTING (a TUNE_GRID word) -> SETTING_ARGS (--set / --model-opt arguments) and SETTING_LABEL
-# (its name: or the setting itself); the word airbench_like stands for $AIRBENCH_LIKE
+# (its name: or the setting itself, as a file-name part); the word airbench_like stands for $AIRBENCH_LIKE
 setting_args() {
   local setting=$1 parts kv
   [ "$setting" = airbench_like ] && setting=$AIRBENCH_LIKE
@@ -377,6 +377,7 @@ setting_args() {
       *) SETTING_ARGS+=(--set "$kv") ;;
     esac
   done
+  SETTING_LABEL=$(printf "%s" "$SETTING_LABEL" | tr -c "A-Za-z0-9.-" "_")
 }
 
 stage_tune() {
@@ -387,7 +388,7 @@ stage_tune() {
   for setting in "${settings[@]}"; do
     setting_args "$setting"
     # one file per setting, named after it (or its name:): epochs=10,model:stem=conv -> speedrun_net_epochs_10_model_stem_conv.json
-    local f="$RESULTS/tune/speedrun_net_$(printf "%s" "$SETTING_LABEL" | tr -c "A-Za-z0-9.-" "_").json"
+    local f="$RESULTS/tune/speedrun_net_$SETTING_LABEL.json"
     step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${SETS[@]}" "${NET_OPTS[@]}" \
       "${SETTING_ARGS[@]}" "${MODE[@]}" --data "$DATA" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
@@ -402,8 +403,7 @@ stage_race() {
   # while at least RACE_SWEEP_MIN_S are left, the same setting at each of $RACE_EPOCHS epochs
   # without the baseline ($TUNE_RUNS runs): how far the epochs can drop, in one packed file
   setting_args "${1:-airbench_like}"
-  local args=("${SETTING_ARGS[@]}") label mode=${COMPILE_MODE:+_$COMPILE_MODE}
-  label=$(printf "%s" "$SETTING_LABEL" | tr -c "A-Za-z0-9.-" "_")
+  local args=("${SETTING_ARGS[@]}") label=$SETTING_LABEL mode=${COMPILE_MODE:+_$COMPILE_MODE}
   step $FC speedrun --model speedrun_net --baseline --runs "$SPEEDRUN_RUNS" "${args[@]}" "${MODE[@]}" \
     --data "$DATA" "${NPZ[@]}" --out "$OUT/speedrun_${label}${mode}.json"
   local e files=() dir="$RESULTS/race"

@@ -75,7 +75,7 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     `resolve_target`) every run stops as soon as its test accuracy reaches it, and the result
     records, per run, whether and when it did. With ``train_budget_s`` the timed runs train
     for as many epochs as fit that much training at the warm-up's speed (`budget_epochs`)."""
-    from fastcifar.baseline import import_airbench, load_npz, require_cuda
+    from fastcifar.baseline import NAME as BASELINE, import_airbench, load_npz, require_cuda
     from fastcifar.models import get_recipe
 
     # --- check everything before the first (long) run ------------------------------------------
@@ -211,31 +211,27 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
                 rec.finish("interrupted", say)
                 raise UserError(f"speedrun stopped: {e}; nothing was timed; see {out}") from None
         order = iter(range(2 * runs))    # each timed run's place in the sequence, both sides
+        pair = ("model",) if base is None else ("model", "baseline")
 
         for i, s in enumerate(result["seeds"]):
-            sides = ("model", "baseline") if i % 2 == 0 else ("baseline", "model")
-            for side in sides:
-                if side == "baseline" and base is None:
-                    continue
+            for side in pair if i % 2 == 0 else pair[::-1]:
+                name = model if side == "model" else BASELINE
                 try:
                     if side == "model":
                         r, _ = one_run(s, f"run{i}")
-                        say(_run_line(model, i, runs, r))
                     else:
-                        with _signals_interrupt(f"seed {s} of {_ab_name()}"):
+                        with _signals_interrupt(f"seed {s} of {BASELINE}"):
                             r = base.run(s)
-                        say(_run_line(_ab_name(), i, runs, r))
+                    say(_run_line(name, i, runs, r))
                 except _Interrupted as e:
                     _add_run(result, side, {"seed": s, "error": str(e)})
                     rec.finish("interrupted", say)
-                    theirs = (f" and {sum('error' not in r for r in result['baseline']['runs'])} of {_ab_name()}"
-                              if result["baseline"] else "")
+                    theirs = f" and {len(_ok(result['baseline']['runs']))} of {BASELINE}" if result["baseline"] else ""
                     raise UserError(f"speedrun stopped: {e}; the {rec.ok_runs()} finished run(s){theirs} "
                                     f"are in {out}") from None
                 except Exception as e:  # this seed is lost on this side, the rest still run
                     r = {"seed": s, "error": _error(e)}
-                    say(f"  {model if side == 'model' else _ab_name()} run {i + 1}/{runs} (seed {s}) "
-                        f"FAILED: {r['error']}")
+                    say(f"  {name} run {i + 1}/{runs} (seed {s}) FAILED: {r['error']}")
                 r["order"] = next(order)
                 _add_run(result, side, r)
                 rec.save()
@@ -251,18 +247,12 @@ def speedrun(model: str = "speedrun_net", runs: int = 5, baseline: bool = True,
     elif result["baseline"]:
         failed = [r for r in result["baseline"]["runs"] if "error" in r]
         if failed:
-            problems.append(f"{len(failed)} of {runs} {_ab_name()} runs failed "
+            problems.append(f"{len(failed)} of {runs} {BASELINE} runs failed "
                             f"(seed {failed[0]['seed']}: {failed[0]['error']})")
     if problems:
         kept = "the model's own results were" if rec.ok_runs() else "the errors were"
         raise UserError(f"{'; '.join(problems)}; {kept} written to {out}")
     return result
-
-
-def _ab_name() -> str:
-    from fastcifar import baseline as ab
-
-    return ab.NAME
 
 
 def _start_baseline(stack: contextlib.ExitStack, data: Path, device: str, original_npz, result: dict, say):
