@@ -206,6 +206,7 @@ def eval_(
     data: Optional[Path] = typer.Option(None, "--data", help="Folder whose test.beton to use (default: the one the run trained on)."),
     beton: Optional[Path] = typer.Option(None, "--beton", help="Any .beton file to evaluate on (instead of --data)."),
     tta: Optional[str] = typer.Option(None, "--tta", help="none | flip | flip_translate (default: the run's recipe)."),
+    tta_shift: Optional[int] = typer.Option(None, "--tta-shift", help="Pixels flip_translate's shifted views move, 1..8 (default: the run's recipe; 2 before the recipe had the field)."),
     device: str = typer.Option("auto", "--device", help="auto, cuda or cpu."),
     batch_size: int = typer.Option(1000, "--batch-size", "-b", help="Evaluation batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -215,7 +216,8 @@ def eval_(
 
     if data is not None and beton is not None:
         raise UserError("give --data or --beton, not both")
-    result = run_eval(path, data=data, beton=beton, tta=tta, device=device, batch_size=batch_size, quiet=as_json)
+    result = run_eval(path, data=data, beton=beton, tta=tta, tta_shift=tta_shift, device=device,
+                      batch_size=batch_size, quiet=as_json)
     if as_json:
         result.pop("confusion", None)
         typer.echo(json.dumps(result, indent=2))

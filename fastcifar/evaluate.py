@@ -23,14 +23,15 @@ def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., p - dy:p - dy + h, p - dx:p - dx + w]
 
 
-def tta_logits(model, x: torch.Tensor, mode: str) -> torch.Tensor:
+def tta_logits(model, x: torch.Tensor, mode: str, shift: int = 2) -> torch.Tensor:
     """Logits averaged over test-time views.
 
     - none: the image itself
     - flip: the image and its mirror image, averaged
-    - flip_translate: both of those, each also shifted by 2 pixels up-left and down-right; the
-      unshifted view gets weight 1/2, each shifted one 1/4 (small shifts help a little, but the
-      centred view is the most reliable one)
+    - flip_translate: both of those, each also shifted by ``shift`` pixels up-left and
+      down-right; the unshifted view gets weight 1/2, each shifted one 1/4 (small shifts help a
+      little, but the centred view is the most reliable one). The recipe's ``tta_shift``: 2 for
+      fastcifar's recipes, which train with 2-pixel translations; airbench94 shifts by 1
     """
     if mode == "none":
         return model(x).float()
@@ -41,14 +42,14 @@ def tta_logits(model, x: torch.Tensor, mode: str) -> torch.Tensor:
         out = 0
         for v in views:
             out = out + 0.5 * model(v).float()
-            out = out + 0.25 * model(_shift(v, 2, 2)).float() + 0.25 * model(_shift(v, -2, -2)).float()
+            out = out + 0.25 * model(_shift(v, shift, shift)).float() + 0.25 * model(_shift(v, -shift, -shift)).float()
         return out / 2
     raise UserError(f"unknown TTA mode {mode!r}; choose one of {', '.join(TTA_MODES)}")
 
 
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=None,
-             info: dist.DistInfo | None = None) -> dict:
+             info: dist.DistInfo | None = None, tta_shift: int = 2) -> dict:
     """Loss, accuracy and confusion matrix of ``model`` over ``loader``.
 
     With several processes each one evaluates its shard of the test set and the sums are
@@ -76,7 +77,7 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
         buffer[:n].copy_(images)
         buffer[n:].zero_()
         with ctx():
-            logits = tta_logits(model, buffer, tta)[:n]
+            logits = tta_logits(model, buffer, tta, tta_shift)[:n]
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
         pred = logits.argmax(1)
         confusion += torch.bincount(labels * num_classes + pred, minlength=num_classes * num_classes)
@@ -97,7 +98,7 @@ def evaluate(model, loader, num_classes: int = 10, tta: str = "none", autocast=N
 
 def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path | None = None,
              tta: str | None = None, device: str = "auto", batch_size: int = 1000,
-             loader: str = "gpu", quiet: bool = False) -> dict:
+             loader: str = "gpu", quiet: bool = False, tta_shift: int | None = None) -> dict:
     """Accuracy and per-class accuracy of a trained run (its last.pt) or a checkpoint file on
     ``beton`` (default: test.beton of ``data``, default: the data folder the run trained on).
     The EMA weights are evaluated when the run kept them, as training did."""
@@ -120,6 +121,9 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     tta = tta or ckpt.get("recipe", {}).get("tta", "none")
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
+    shift = int(tta_shift if tta_shift is not None else ckpt.get("recipe", {}).get("tta_shift", 2))
+    if not 1 <= shift <= 8:
+        raise UserError(f"--tta-shift must be in 1..8 pixels, got {shift}")
     dev = torch.device(resolve_device(device))
 
     num_classes = int(ckpt.get("num_classes", 10))
@@ -130,11 +134,14 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     model = model.to(dev, memory_format=torch.channels_last)
     test_loader = make_loader(loader, str(beton), batch_size, train=False, aug=None, device=dev,
                               dtype=torch.float32, seed=0)
-    result = evaluate(model, test_loader, num_classes=num_classes, tta=tta)
+    result = evaluate(model, test_loader, num_classes=num_classes, tta=tta, tta_shift=shift)
     names = class_names(beton.parent, num_classes)
     result.update(model=ckpt["model_name"], beton=str(beton), tta=tta, classes=names)
+    if tta == "flip_translate":
+        result["tta_shift"] = shift
     if not quiet:
-        print(f"{ckpt['model_name']} on {beton} (TTA {tta}): accuracy {100 * result['acc']:.2f}% "
+        what = f"{tta}, {shift} px" if tta == "flip_translate" else tta
+        print(f"{ckpt['model_name']} on {beton} (TTA {what}): accuracy {100 * result['acc']:.2f}% "
               f"of {result['n']} images, loss {result['loss']:.4f}")
         for name, acc in zip(names, result["per_class_acc"]):
             print(f"  {name:>12s}  {100 * acc:6.2f}%")

@@ -58,6 +58,7 @@ class Recipe:
     amp_inner_iters: int = 1
     ema: float = 0.0                     # 0 = off; else EMA decay of the weights
     tta: str = "none"                    # none | flip | flip_translate
+    tta_shift: int = 2                   # flip_translate: pixels its two shifted views move
 
     # augmentation (training split only)
     flip: bool = True
@@ -96,6 +97,8 @@ class Recipe:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}")
         if self.tta not in TTA_MODES:
             problems.append(f"tta must be one of {', '.join(TTA_MODES)}")
+        if not 1 <= self.tta_shift <= 8:
+            problems.append("tta_shift must be in 1..8 (pixels)")
         if self.epochs < 1 or self.batch_size < 1:
             problems.append("epochs and batch_size must be positive")
         if not self.lr > 0:

@@ -433,7 +433,8 @@ def _finish(run: Run, outcome: Outcome, stop: "_StopOnSignal") -> dict:
 def _evaluate(run: Run) -> dict:
     sync(run.device)
     t0 = time.perf_counter()
-    result = evaluate(run.eval_net, run.test_loader, len(run.classes), run.recipe.tta, run.step.autocast, run.info)
+    result = evaluate(run.eval_net, run.test_loader, len(run.classes), run.recipe.tta, run.step.autocast, run.info,
+                      tta_shift=run.recipe.tta_shift)
     sync(run.device)
     result["seconds"] = time.perf_counter() - t0
     run.clock.evaluation(result["seconds"])

@@ -59,6 +59,25 @@ def test_tta_views_and_weights():
         tta_logits(model, x, "flip_rotate")
 
 
+@pytest.mark.parametrize("shift", [1, 3])
+def test_tta_shift_moves_the_shifted_views(shift):
+    """flip_translate's shifted views move by the recipe's tta_shift (airbench94 uses 1 pixel)."""
+    model = Linear()
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(shift))
+    xn, w = x.numpy(), model.w.detach().numpy()
+
+    def f(v):
+        return np.ascontiguousarray(v).reshape(len(v), -1) @ w.T
+
+    ref = sum(0.5 * f(v) + 0.25 * f(reflect_shift(v, shift)) + 0.25 * f(reflect_shift(v, -shift))
+              for v in (xn, xn[..., ::-1])) / 2
+    with torch.no_grad():
+        got = tta_logits(model, x, "flip_translate", shift).double().numpy()
+        two = tta_logits(model, x, "flip_translate").double().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert np.abs(got - two).max() > 1e-3                      # not the default 2 pixels
+
+
 class Oracle(nn.Module):
     """Predicts the class written in pixel (0, 0) of channel 0, with margin 3."""
 
@@ -104,6 +123,11 @@ def test_evaluate_applies_tta():
     assert r["acc"] == pytest.approx((ref.argmax(1) == labels).float().mean().item())
     plain = evaluate(model, [(images, labels)], tta="none")["loss"]
     assert plain != pytest.approx(r["loss"], rel=1e-6)         # the modes give different figures
+    with torch.no_grad():
+        ref1 = tta_logits(model, images, "flip_translate", 1)
+    r1 = evaluate(model, [(images, labels)], tta="flip_translate", tta_shift=1)
+    assert r1["loss"] == pytest.approx(nn.functional.cross_entropy(ref1, labels).item(), rel=1e-6)
+    assert r1["loss"] != pytest.approx(r["loss"], rel=1e-6)
 
 
 def test_evaluate_empty_loader():

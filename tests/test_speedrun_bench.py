@@ -474,6 +474,7 @@ def test_gpu_suite_race_runs_airbench_like_against_airbench94(tmp_path):
     race, eight, nine = calls
     assert race.startswith("-m fastcifar.cli speedrun --model speedrun_net --baseline --runs 5 --set epochs=10")
     assert "--model-opt residual=false" in race and "--compile-mode reduce-overhead" in race
+    assert "--set tta_shift=1" in race                         # airbench94's 1-pixel test views
     assert race.endswith(f"--out {out}/speedrun_airbench_like_reduce-overhead.json")
     for sweep, e in ((eight, 8), (nine, 9)):
         assert sweep.startswith("-m fastcifar.cli speedrun --model speedrun_net --no-baseline --runs 3")

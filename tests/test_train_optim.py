@@ -454,6 +454,24 @@ def test_full_epoch_with_tta_and_ema_evaluates(data, tmp_path):
     assert evaluated(ckpt["ema"], "none")["loss"] != pytest.approx(ema_flip["loss"], rel=1e-5)
 
 
+def test_recipe_tta_shift_reaches_training_and_eval(data, tmp_path):
+    """The recipe's tta_shift is the shift of the run's final flip_translate evaluation, and
+    `fastcifar eval` of the run uses it unless told another (--tta-shift)."""
+    from fastcifar.evaluate import run_eval
+    from fastcifar.train import train
+
+    s = train(small_config(data, tmp_path / "run", overrides=dict(epochs=1, tta="flip_translate", tta_shift=1)))
+    again = run_eval(tmp_path / "run", quiet=True)
+    assert again["tta_shift"] == 1 and again["loss"] == pytest.approx(s["final_test_loss"], rel=1e-6)
+    two = run_eval(tmp_path / "run", tta_shift=2, quiet=True)
+    assert two["tta_shift"] == 2 and two["loss"] != pytest.approx(s["final_test_loss"], rel=1e-6)
+    with pytest.raises(UserError, match="tta-shift must be in 1..8"):
+        run_eval(tmp_path / "run", tta_shift=0, quiet=True)
+    with pytest.raises(UserError, match="bad recipe: tta_shift must be in 1..8"):
+        train(small_config(data, tmp_path / "bad", overrides=dict(tta_shift=9)))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_ffcv_loader_path_runs(data, tmp_path):
     from fastcifar.train import train
 
