@@ -153,6 +153,62 @@ def test_orthogonalize_keeps_singular_directions_and_equalises_values():
     assert torch.allclose(orthogonalize(gs.mT), torch.stack([orthogonalize(g.T) for g in gs]), atol=1e-5)
 
 
+def test_orthogonalize_matches_the_plain_iteration_in_float64():
+    """The fused form (bmm, baddbmm) computes the quintic iteration as written:
+    x <- a x + (b G + c G^2) x, G = x x^T, from x = g / |g|_F, on the wide side."""
+    from fastcifar.optim import NS_COEFFS
+
+    def reference(g, steps=5):
+        a, b, c = NS_COEFFS
+        x = g.double()
+        tall = x.shape[0] > x.shape[1]
+        x = x.T if tall else x
+        x = x / (x.norm() + 1e-7)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        return x.T if tall else x
+
+    torch.manual_seed(1)
+    for shape in [(64, 216), (256, 576), (40, 12), (9, 9)]:
+        g = torch.randn(shape)
+        ref = reference(g)
+        got = orthogonalize(g).double()
+        assert got.shape == g.shape and (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    # a 4-D batch keeps its shape, each matrix as on its own
+    gs = torch.randn(2, 3, 16, 40)
+    assert torch.allclose(orthogonalize(gs), torch.stack([torch.stack([reference(m) for m in b]) for b in gs]).float(),
+                          atol=1e-5)
+
+
+def test_orthogonalize_launches_three_ops_an_iteration():
+    """On a GPU Muon's step runs eagerly, one kernel launch (and host dispatch) per op: each
+    Newton-Schulz iteration must be 3 ops (bmm, two baddbmm), not the plain expression's 8
+    plus the views of broadcast matmuls."""
+    import collections
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    g = torch.randn(3, 64, 576)
+    for steps in (5, 2):
+        with Count() as c:
+            orthogonalize(g, steps)
+        assert c.ops["bmm"] == steps and c.ops["baddbmm"] == 2 * steps, c.ops
+        views = {"view", "_unsafe_view", "transpose", "expand", "reshape", "unsqueeze"}
+        # the matmuls and the normalisation launch kernels; views (one transpose per
+        # iteration, for G = x x^T) only dispatch
+        assert sum(n for op, n in c.ops.items() if op not in views) <= 3 * steps + 3, c.ops
+        assert sum(n for op, n in c.ops.items() if op in views) <= steps + 2, c.ops
+
+
 def test_muon_turns_filters_at_fixed_norm_and_steps_the_rest_like_sgd():
     """muon: each conv filter bank keeps its norm and moves by lr of it per step, in the
     orthogonalised momentum's direction; biases, BN shifts and the linear head get exactly
