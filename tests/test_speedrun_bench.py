@@ -464,37 +464,41 @@ def test_gpu_suite_tune_names_settings_and_expands_airbench_like(tmp_path):
 
 def test_gpu_suite_race_runs_airbench_like_against_airbench94(tmp_path):
     """The race stage: speedrun_net as airbench94 (airbench_like) with the baseline, in the
-    compile mode asked for, its file named after the setting and the mode; then the setting at
-    each of RACE_EPOCHS epochs without the baseline, packed into one file; or another setting."""
+    compile mode asked for, its file named after the setting and the mode; then the setting
+    with each change of RACE_SWEEP without the baseline (the change's values after the
+    setting's, so they win), packed into one file; or another setting."""
     import tarfile
 
     r, calls, out = _suite_with_stub_python(tmp_path, "race", COMPILE_MODE="reduce-overhead", SPEEDRUN_RUNS="5",
-                                            RACE_EPOCHS="8 9")
+                                            RACE_SWEEP="epochs=8,optimizer=muon epochs=9")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    race, eight, nine = calls
+    race, muon, nine = calls
     assert race.startswith("-m fastcifar.cli speedrun --model speedrun_net --baseline --runs 5 --set epochs=10")
     assert "--model-opt residual=false" in race and "--compile-mode reduce-overhead" in race
     assert "--set tta_shift=1" in race                         # airbench94's 1-pixel test views
     assert race.endswith(f"--out {out}/speedrun_airbench_like_reduce-overhead.json")
-    for sweep, e in ((eight, 8), (nine, 9)):
+    for sweep, change in ((muon, "--set epochs=8 --set optimizer=muon"), (nine, "--set epochs=9")):
         assert sweep.startswith("-m fastcifar.cli speedrun --model speedrun_net --no-baseline --runs 3")
-        assert "--set epochs=10" in sweep and sweep.index(f"--set epochs={e}") > sweep.index("--set epochs=10")
-        assert sweep.endswith(f"race/speedrun_airbench_like_epochs_{e}_reduce-overhead.json")
-    with tarfile.open(out / "race_epochs_reduce-overhead.tar.gz") as tar:
-        assert {"speedrun_airbench_like_epochs_8_reduce-overhead.json",
+        assert "--set epochs=10" in sweep and sweep.index(change) > sweep.index("--set epochs=10")
+        assert "--model-opt bn_eps=1e-12" in sweep and "--compile-mode reduce-overhead" in sweep
+    assert muon.endswith("race/speedrun_airbench_like_epochs_8_optimizer_muon_reduce-overhead.json")
+    assert nine.endswith("race/speedrun_airbench_like_epochs_9_reduce-overhead.json")
+    with tarfile.open(out / "race_sweep_reduce-overhead.tar.gz") as tar:
+        assert {"speedrun_airbench_like_epochs_8_optimizer_muon_reduce-overhead.json",
                 "speedrun_airbench_like_epochs_9_reduce-overhead.json"} <= set(tar.getnames())
     # COMPILE_MODE=none: no torch.compile at all
     (tmp_path / "eager").mkdir()
-    r, calls, out = _suite_with_stub_python(tmp_path / "eager", "race", COMPILE_MODE="none", RACE_EPOCHS="")
+    r, calls, out = _suite_with_stub_python(tmp_path / "eager", "race", COMPILE_MODE="none", RACE_SWEEP="")
     assert r.returncode == 0 and len(calls) == 1 and " --no-compile " in calls[0] and "--compile-mode" not in calls[0]
     assert calls[0].endswith(f"--out {out}/speedrun_airbench_like_none.json")
-    # too little of the call left: the sweep is not started, and that is no failure
+    # too little of the call left: the sweep (by default Muon at 8 epochs first) is not started,
+    # and that is no failure
     (tmp_path / "late").mkdir()
     r, calls, out = _suite_with_stub_python(tmp_path / "late", "race", RACE_SWEEP_MIN_S="100000")
-    assert r.returncode == 0 and len(calls) == 1 and "race: epochs=8 not started" in r.stdout
+    assert r.returncode == 0 and len(calls) == 1 and "race: epochs=8,optimizer=muon not started" in r.stdout
     (tmp_path / "other").mkdir()
     r, calls, out = _suite_with_stub_python(tmp_path / "other", "race", "name:gelu8,epochs=8,model:act=gelu",
-                                            RACE_EPOCHS="")
+                                            RACE_SWEEP="")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     [race] = calls
     assert "--set epochs=8 --model-opt act=gelu" in race and "--compile-mode" not in race
