@@ -122,8 +122,9 @@ final_lr_frac=0.07,ema=0,lookahead_k=5,lookahead_alpha=0.2262,lookahead_ramp=tru
 model:residual=false,model:dirac_init=true,model:stem_norm=false,model:logit_scale=0.1111111,\
 model:bn_momentum=0.4,model:bn_eps=1e-12"
 # race: the setting again with each of these changes (same syntax as TUNE_GRID; no baseline), in
-# this order. Muon at 8 epochs first: on the CPU (seed 0, airbench_like) it scored 90.45% against
-# SGD's 89.72% at 8 epochs and 90.32% at 10 (bench/results/train_cpu_speedrun_net_airbench_like_*)
+# this order. Muon at 8 epochs first: on the CPU (airbench_like, seed 0) it scored 90.44% against
+# SGD's 89.72% at 8 epochs; seed 1: 90.42% against 90.02%; 10 epochs of SGD: 90.48 / 90.73%
+# (1-pixel TTA; bench/results/train_cpu_speedrun_net_airbench_like_*8*.json, ..._airbench_clone_10*.json)
 RACE_SWEEP=${RACE_SWEEP-"epochs=8,optimizer=muon epochs=8 epochs=7,optimizer=muon epochs=9"}
 RACE_SWEEP_MIN_S=${RACE_SWEEP_MIN_S:-120}        # ... each started only with this much of the call left
 TARGET_2111=${TARGET_2111:-93.81}                # resnet_2111's report accuracy (%)
