@@ -66,6 +66,7 @@ copy of CIFAR-10, one run each, test accuracy with flip+translate TTA):
                                                89.72% / 90.02%  train_cpu_speedrun_net_airbench_like_8.json, ..._8_s1.json
     ... 8 epochs, optimizer=muon (muon_lr 0.1)  90.44% / 90.42%  train_cpu_speedrun_net_airbench_like_muon_8.json,
                                                                ..._muon_8_s1.json
+    ... 7 epochs, optimizer=muon, seed 0      90.59%           train_cpu_speedrun_net_airbench_like_muon_7.json
 
 The whitening stem did as well with 0.78x the FLOPs (0.79x the CPU training time). The BN
 shifts' own learning rate (bias_lr_scale=64) was worth a point at 10 epochs, well beyond one
@@ -107,8 +108,9 @@ airbench94, one recipe, two engines); if it does, they become airbench_like's.
 Fewer epochs, the other route to airbench94's time: airbench_like at 8 epochs lost 0.74 points
 on average against its 10 (89.87% against 90.61%, seeds 0 and 1, 1-pixel TTA), and Muon on the
 conv filters won back most of it: 90.43% at 8 epochs, ahead of SGD at 8 in both seeds (+0.72,
-+0.40) and 0.18 behind SGD at 10, with 0.8x the steps. Unlike on the fast recipe (+0.26, one
-seed), its lead here is beyond one seed's spread. Its price on a GPU is the optimizer step, which
++0.40) and 0.18 behind SGD at 10, with 0.8x the steps; at 7 epochs (seed 0) it scored 90.59%,
+so 7 may do as well (one seed: its 0.15 over 8 epochs is noise). Unlike on the fast recipe
+(+0.26, one seed), its lead here is beyond one seed's spread. Its price on a GPU is the optimizer step, which
 runs outside the compiled graph (five Newton-Schulz iterations on each filter bank, in fp32,
 about 10 GFLOP a step for this network; 193 ops dispatched a step) and bf16 instead of fp16 (no
 fused scaler). The `race` stage's sweep runs it first (`RACE_SWEEP`).
