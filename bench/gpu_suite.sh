@@ -331,6 +331,16 @@ speedrun_one() {  # MODEL OUT_FILE: with the baseline for speedrun_net, without 
   step $FC speedrun --model "$m" "${extra[@]}" "${SETS[@]}" "${MODE[@]}" --data "$DATA" "${NPZ[@]}" --out "$f"
 }
 
+# pack_results TAR DIR FILE...: result files (names inside DIR) and DIR's leaderboard entries, if
+# any, into $OUT/TAR (a call brings back at most 8 files). Stages re-pack after every unit, so a
+# call cut short still brings back every finished one; no files, nothing packed
+pack_results() {
+  local tar=$1 dir=$2; shift 2
+  [ $# -gt 0 ] || return 0
+  local lb=(); [ -d "$dir/leaderboard" ] && lb=(leaderboard)
+  tar czf "$OUT/$tar" -C "$dir" "$@" "${lb[@]}"
+}
+
 stage_speedrun() {
   local models=("$@")
   [ ${#models[@]} -gt 0 ] || models=(speedrun_net $(zoo_models))
@@ -339,8 +349,7 @@ stage_speedrun() {
     local f="$RESULTS/speedrun_${m}_gpu.json"
     speedrun_one "$m" "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")   # partial results count: the file holds every finished run
-    # re-packed after every model, so a call cut short still brings back all finished models
-    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/speedrun_results.tar.gz" -C "$RESULTS" "${files[@]}" leaderboard
+    pack_results speedrun_results.tar.gz "$RESULTS" "${files[@]}"
   done
 }
 
@@ -363,9 +372,7 @@ stage_zoo() {
       --calibration "$CALIBRATION" --warmup-epochs 1 "${budget[@]}" "${sets[@]}" "${MODE[@]}" --data "$DATA" \
       "${NPZ[@]}" --out "$f"
     [ -f "$f" ] && files+=("$(basename "$f")")
-    # re-packed after every model: a call cut short still brings back every finished run
-    local lb=(); [ -d "$RESULTS/leaderboard" ] && lb=(leaderboard)
-    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/zoo_results.tar.gz" -C "$RESULTS" "${files[@]}" "${lb[@]}"
+    pack_results zoo_results.tar.gz "$RESULTS" "${files[@]}"
   done
 }
 
@@ -422,9 +429,7 @@ stage_race() {
     step $FC speedrun --model speedrun_net --no-baseline --runs "$TUNE_RUNS" "${args[@]}" "${SETTING_ARGS[@]}" \
       "${MODE[@]}" --data "$DATA" --out "$dir/$f"
     [ -f "$dir/$f" ] && files+=("$f")
-    # one file for the whole sweep (a call brings back at most 8), with its leaderboard entries
-    local lb=(); [ -d "$dir/leaderboard" ] && lb=(leaderboard)
-    [ ${#files[@]} -gt 0 ] && tar czf "$OUT/race_sweep${mode}.tar.gz" -C "$dir" "${files[@]}" "${lb[@]}"
+    pack_results "race_sweep${mode}.tar.gz" "$dir" "${files[@]}"   # one file for the whole sweep
   done
 }
 

@@ -13,6 +13,7 @@ from fastcifar import dist
 from fastcifar.errors import UserError
 
 TTA_MODES = ("none", "flip", "flip_translate")
+TTA_SHIFTS = range(1, 9)     # flip_translate's shift (the recipe's tta_shift), pixels
 
 
 def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -122,8 +123,8 @@ def run_eval(path: str | Path, data: str | Path | None = None, beton: str | Path
     if tta not in TTA_MODES:
         raise UserError(f"unknown TTA mode {tta!r}; choose one of {', '.join(TTA_MODES)}")
     shift = int(tta_shift if tta_shift is not None else ckpt.get("recipe", {}).get("tta_shift", 2))
-    if not 1 <= shift <= 8:
-        raise UserError(f"--tta-shift must be in 1..8 pixels, got {shift}")
+    if shift not in TTA_SHIFTS:
+        raise UserError(f"--tta-shift must be in {TTA_SHIFTS[0]}..{TTA_SHIFTS[-1]} pixels, got {shift}")
     dev = torch.device(resolve_device(device))
 
     num_classes = int(ckpt.get("num_classes", 10))

@@ -87,7 +87,7 @@ class Recipe:
     def validate(self) -> "Recipe":
         """The one check of a recipe's values: UserError naming every bad field, else self."""
         from fastcifar.errors import UserError
-        from fastcifar.evaluate import TTA_MODES
+        from fastcifar.evaluate import TTA_MODES, TTA_SHIFTS
         from fastcifar.optim import OPTIMIZERS, SCHEDULES
 
         problems = []
@@ -97,8 +97,8 @@ class Recipe:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}")
         if self.tta not in TTA_MODES:
             problems.append(f"tta must be one of {', '.join(TTA_MODES)}")
-        if not 1 <= self.tta_shift <= 8:
-            problems.append("tta_shift must be in 1..8 (pixels)")
+        if self.tta_shift not in TTA_SHIFTS:
+            problems.append(f"tta_shift must be in {TTA_SHIFTS[0]}..{TTA_SHIFTS[-1]} (pixels)")
         if self.epochs < 1 or self.batch_size < 1:
             problems.append("epochs and batch_size must be positive")
         if not self.lr > 0:

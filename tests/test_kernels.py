@@ -27,13 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._python_dispatch import _disable_current_modes
 
 import kernels.batchnorm as impl
 import kernels.bn_kernels as K
 from fastcifar.models.norm import NormAct
 from kernels import bn_relu
 from kernels.reference import bn_relu_reference
+from op_log import OpLog
 
 # CPU (interpreter) here; on a GPU machine the same tests run the compiled kernels.
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,18 +371,6 @@ def _count_launches(monkeypatch) -> collections.Counter:
     return counts
 
 
-class _OpLog(TorchDispatchMode):
-    """The ops a region dispatches (a custom op's internals run below the mode, unseen)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_launches_per_step(monkeypatch):
     """One training step of a layer launches three kernels forward (statistics; finalize,
     which also moves the running statistics; apply) and three backward (reduce, finalize, dx);
@@ -390,7 +379,7 @@ def test_launches_per_step(monkeypatch):
     counts = _count_launches(monkeypatch)
     mod = NormAct(8, backend="triton").to(DEV)
     x = torch.randn(2, 8, 4, 4, device=DEV, requires_grad=True)
-    with _OpLog() as log:
+    with OpLog() as log:
         y = mod(x)
     assert dict(counts) == {"fwd_stats_kernel": 1, "fwd_finalize_kernel": 1, "fwd_apply_kernel": 1}
     # besides the kernels only allocations: no num_batches_tracked.add_, no running-stats op

@@ -185,28 +185,19 @@ def test_orthogonalize_launches_three_ops_an_iteration():
     """On a GPU Muon's step runs eagerly, one kernel launch (and host dispatch) per op: each
     Newton-Schulz iteration must be 3 ops (bmm, two baddbmm), not the plain expression's 8
     plus the views of broadcast matmuls."""
-    import collections
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+    from op_log import OpLog
 
     g = torch.randn(3, 64, 576)
     for steps in (5, 2):
-        with Count() as c:
+        with OpLog() as log:
             orthogonalize(g, steps)
-        assert c.ops["bmm"] == steps and c.ops["baddbmm"] == 2 * steps, c.ops
+        ops = log.counts()
+        assert ops["bmm"] == steps and ops["baddbmm"] == 2 * steps, ops
         views = {"view", "_unsafe_view", "transpose", "expand", "reshape", "unsqueeze"}
         # the matmuls and the normalisation launch kernels; views (one transpose per
         # iteration, for G = x x^T) only dispatch
-        assert sum(n for op, n in c.ops.items() if op not in views) <= 3 * steps + 3, c.ops
-        assert sum(n for op, n in c.ops.items() if op in views) <= steps + 2, c.ops
+        assert sum(n for op, n in ops.items() if op not in views) <= 3 * steps + 3, ops
+        assert sum(n for op, n in ops.items() if op in views) <= steps + 2, ops
 
 
 def test_muon_turns_filters_at_fixed_norm_and_steps_the_rest_like_sgd():
